@@ -1,0 +1,33 @@
+"""Pure tensor math of lmpo's algorithms: advantage estimators, policy/value losses and
+aggregation, KL estimators, masks, and the named presets. See docs/algorithms.md."""
+
+from .advantages import (
+    ADVANTAGES,
+    gae_advantages,
+    grpo_advantages,
+    process_advantages,
+    register_advantage,
+    reinforce_pp_advantages,
+    rloo_advantages,
+    whiten,
+)
+from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_in_reward, kl_penalty, unbiased_kl
+from .losses import AGGREGATIONS, aggregate_loss, clip_fraction, policy_loss, value_loss
+from .masks import (
+    off_policy_sequence_mask,
+    overlong_penalty,
+    sampling_support_logp,
+    truncated_is_weights,
+    zero_std_groups,
+)
+from .presets import PRESET_KEYS, PRESETS, resolve_preset
+
+__all__ = [
+    "ADVANTAGES", "register_advantage", "grpo_advantages", "rloo_advantages", "gae_advantages",
+    "reinforce_pp_advantages", "process_advantages", "whiten",
+    "AGGREGATIONS", "policy_loss", "clip_fraction", "aggregate_loss", "value_loss",
+    "KL_ESTIMATORS", "kl_penalty", "unbiased_kl", "kl_in_reward", "adaptive_kl_coef",
+    "off_policy_sequence_mask", "truncated_is_weights", "zero_std_groups", "overlong_penalty",
+    "sampling_support_logp",
+    "PRESETS", "PRESET_KEYS", "resolve_preset",
+]

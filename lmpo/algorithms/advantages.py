@@ -1,0 +1,291 @@
+"""Advantage estimators: group statistics (GRPO family), leave-one-out, GAE, REINFORCE++,
+process supervision, and the `ADVANTAGES` registry the training loop calls.
+
+Conventions: N = prompts x group_size rows, ordered group by group (rows i*G ... i*G+G-1
+share a prompt); `mask` [N, T] is float or bool, 1 = real completion token. Masked positions
+may hold garbage (even NaN/inf) and never change a result. These functions are plain tensor
+math; the loop calls them under `torch.no_grad()` (advantages are constants of the loss).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._common import as_bool, check_groups, clean, per_token, place_on_last_token
+
+__all__ = [
+    "grpo_advantages",
+    "rloo_advantages",
+    "gae_advantages",
+    "reinforce_pp_advantages",
+    "process_advantages",
+    "whiten",
+    "ADVANTAGES",
+    "register_advantage",
+]
+
+
+def _float(x: Tensor) -> Tensor:
+    return x if x.is_floating_point() else x.float()
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantage of GRPO.
+
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps), std = torch's unbiased std (divides by G-1).
+
+    Paper: Shao et al. 2024, "DeepSeekMath" (GRPO). It differs from PPO's advantage in
+    replacing a learned critic by the statistics of G samples of the same prompt.
+
+    scale="group": divide by the group's unbiased std (GRPO).
+    scale="batch": subtract the group mean, then divide by the unbiased std of those centred
+        values over the whole batch (REINFORCE++-baseline style; Hu 2025).
+    scale="none": only subtract the group mean (Dr. GRPO, Liu et al. 2025, which removes the
+        std because it up-weights too-easy / too-hard prompts).
+    A group of size 1 has advantage 0 (its std is undefined; we use 0, never NaN).
+    """
+    r = _float(rewards)  # [N]
+    n_groups = check_groups(r.shape[0], group_size)
+    g = r.view(n_groups, group_size)  # [B, G]
+    centred = g - g.mean(-1, keepdim=True)  # [B, G]
+    if scale == "none":
+        return centred.reshape(-1)
+    if scale == "group":
+        std = g.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])  # [B, 1]
+    elif scale == "batch":
+        std = centred.std() if centred.numel() > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
+    else:
+        raise ValueError(f"scale={scale!r}; allowed: 'group', 'batch', 'none'")
+    return (centred / (std + eps)).reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out advantage.
+
+    A_i = r_i - (1/(G-1)) * sum_{j != i in group} r_j  = G/(G-1) * (r_i - mean_g(r)).
+
+    Paper: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization
+    for Learning from Human Feedback in LLMs" (Kool et al. 2019 for the estimator). It
+    differs from GRPO's mean baseline in excluding the sample itself (so the baseline is
+    independent of r_i and the gradient unbiased) and in not dividing by a std.
+    A group of size 1 has advantage 0.
+    """
+    r = _float(rewards)  # [N]
+    n_groups = check_groups(r.shape[0], group_size)
+    if group_size == 1:
+        return torch.zeros_like(r)
+    g = r.view(n_groups, group_size)  # [B, G]
+    baseline = (g.sum(-1, keepdim=True) - g) / (group_size - 1)  # [B, G]
+    return (g - baseline).reshape(-1)
+
+
+def gae_advantages(
+    token_rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation over completion tokens.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t,  A_t = delta_t + gamma * lam * A_{t+1},
+    returns_t = A_t + V_t; the value after the last real token is 0 (episode ends).
+
+    Paper: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
+    Advantage Estimation"; used by PPO for LLMs (Ouyang et al. 2022). It differs from the
+    Monte-Carlo return in bootstrapping from a learned critic V, trading bias for variance
+    with lam.
+
+    Masked positions are skipped: t+1 means "the next real token", so a mask with holes
+    (e.g. tool output inside a completion) links real tokens across the hole; rewards and
+    values at masked positions are ignored. Output is 0 at masked positions.
+    Returns (advantages [N, T], returns [N, T]).
+    """
+    m = as_bool(mask)  # [N, T]
+    r = clean(_float(token_rewards), m)  # [N, T]
+    v = clean(_float(values), m).to(r.dtype)  # [N, T]
+    n, t_len = m.shape
+    next_v = torch.zeros(n, dtype=r.dtype, device=r.device)  # [N]
+    next_a = torch.zeros_like(next_v)  # [N]
+    zero = torch.zeros_like(next_v)
+    out = []
+    for t in range(t_len - 1, -1, -1):
+        mt = m[:, t]
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        a = delta + gamma * lam * next_a
+        next_a = torch.where(mt, a, next_a)
+        next_v = torch.where(mt, v[:, t], next_v)
+        out.append(torch.where(mt, a, zero))
+    adv = torch.stack(out[::-1], dim=1) if out else r.clone()  # [N, T]
+    returns = clean(adv + v, m)  # [N, T]
+    return adv, returns
+
+
+def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Masked whitening over all real positions of the batch.
+
+    shift_mean=True: (x - mu) / sqrt(var + eps); shift_mean=False: x / sqrt(var + eps)
+    (rescaled, mean kept, so signs are preserved). mu and var are the mean and the
+    population (biased, divide by n) variance over the real positions; biased so that a
+    single real position is well defined (it whitens to 0). Zero at masked positions.
+    Used for PPO's advantage normalisation and by REINFORCE++ (Hu 2025).
+    """
+    m = as_bool(mask).expand(x.shape)
+    xc = clean(_float(x), m)
+    n = m.sum().to(xc.dtype).clamp(min=1)
+    mu = xc.sum() / n
+    var = clean((xc - mu) ** 2, m).sum() / n
+    out = (xc - mu) if shift_mean else xc
+    return clean(out * torch.rsqrt(var + eps), m)
+
+
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor) -> Tensor:
+    """REINFORCE++ advantage: the reward-to-go, whitened over the batch.
+
+    G_t = sum_{s >= t, s real} r_s  (gamma = 1), A = whiten(G) over all real tokens of the batch.
+
+    Paper: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
+    Language Models". It differs from GRPO in using a global (batch) normalisation instead
+    of per-prompt group statistics, and per-token returns (KL-in-reward makes them differ).
+    Zero at masked positions.
+    """
+    m = as_bool(mask)  # [N, T]
+    r = clean(_float(token_rewards), m)  # [N, T]
+    returns = r.flip(-1).cumsum(-1).flip(-1)  # [N, T]
+    return whiten(returns, m)
+
+
+def process_advantages(
+    step_rewards: Tensor, step_ends: Tensor, mask: Tensor, group_size: int, eps: float = 1e-4
+) -> Tensor:
+    """Process-supervised advantage of DeepSeekMath (GRPO with step rewards).
+
+    r~_{i,j} = (r_{i,j} - mean(R_g)) / (std(R_g) + eps) over R_g = ALL real step rewards of
+    the group (every step of every sample of the prompt), std unbiased (n-1), eps = 1e-4
+    as in `grpo_advantages`; then A_{i,t} = sum_{j : end_{i,j} >= t} r~_{i,j}.
+
+    Paper: Shao et al. 2024, "DeepSeekMath", section 4.1.3. It differs from outcome GRPO in
+    normalising step rewards instead of one reward per sample and giving each token the sum
+    of the normalised rewards of the steps that end at or after it.
+
+    step_rewards [N, S] padded with NaN; step_ends [N, S] 0-based token index into the
+    completion where the step ends, padded with -1 (ends >= T count as the last column).
+    A group with a single real step has std 0 (its step normalises to 0). Zero at masked
+    positions.
+    """
+    m = as_bool(mask)  # [N, T]
+    n, t_len = m.shape
+    n_groups = check_groups(n, group_size)
+    sr = _float(step_rewards)  # [N, S]
+    ends = step_ends.long()  # [N, S]
+    valid = ~torch.isnan(sr) & (ends >= 0)  # [N, S]
+    r = clean(sr, valid)  # [N, S]
+    rg, vg = r.reshape(n_groups, -1), valid.reshape(n_groups, -1)  # [B, G*S]
+    cnt = vg.sum(-1, keepdim=True).to(r.dtype)  # [B, 1]
+    mu = rg.sum(-1, keepdim=True) / cnt.clamp(min=1)  # [B, 1]
+    ss = clean((rg - mu) ** 2, vg).sum(-1, keepdim=True)  # [B, 1]
+    std = torch.sqrt(ss / (cnt - 1).clamp(min=1))  # [B, 1]; 0 when cnt <= 1
+    norm = clean((rg - mu) / (std + eps), vg).reshape(n, -1)  # [N, S]
+    idx = clean(ends, valid).clamp(max=t_len - 1)  # [N, S]
+    at_end = torch.zeros(n, t_len, dtype=r.dtype, device=r.device).scatter_add(1, idx, norm)  # [N, T]
+    adv = at_end.flip(-1).cumsum(-1).flip(-1)  # [N, T]: sum over steps ending at or after t
+    return clean(adv, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: one signature for every estimator.
+#   fn(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+#      step_ends=None, gamma=1.0, lam=0.95) -> (adv [N, T], returns [N, T] | None)
+# ---------------------------------------------------------------------------------------------
+
+AdvantageFn = Callable[..., "tuple[Tensor, Optional[Tensor]]"]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+
+
+def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
+    """Decorator: register `fn` in ADVANTAGES under `name` (must use the registry signature)."""
+
+    def deco(fn: AdvantageFn) -> AdvantageFn:
+        if name in ADVANTAGES:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        ADVANTAGES[name] = fn
+        return fn
+
+    return deco
+
+
+def _sequence_rewards(rewards: Tensor, token_rewards: Optional[Tensor], m: Tensor) -> Tensor:
+    """Sequence rewards [N]: `rewards`, or the row sum of `token_rewards` over real tokens when
+    given (so KL-in-reward reaches sequence-level estimators)."""
+    if token_rewards is None:
+        return _float(rewards)
+    return clean(_float(token_rewards), m).sum(-1)
+
+
+def _token_rewards(rewards: Tensor, token_rewards: Optional[Tensor], m: Tensor) -> Tensor:
+    """Per-token rewards [N, T]: `token_rewards`, or `rewards` on each row's last real token."""
+    if token_rewards is not None:
+        return clean(_float(token_rewards), m)
+    return place_on_last_token(_float(rewards), m)
+
+
+@register_advantage("group_norm")
+def _group_norm(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+                step_ends=None, gamma=1.0, lam=0.95):
+    """GRPO: grpo_advantages(scale="group") broadcast to [N, T]."""
+    m = as_bool(mask)
+    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale="group")
+    return per_token(adv, m), None
+
+
+@register_advantage("group_mean")
+def _group_mean(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+                step_ends=None, gamma=1.0, lam=0.95):
+    """Dr. GRPO: grpo_advantages(scale="none") broadcast to [N, T]."""
+    m = as_bool(mask)
+    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale="none")
+    return per_token(adv, m), None
+
+
+@register_advantage("batch_norm")
+def _batch_norm(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+                step_ends=None, gamma=1.0, lam=0.95):
+    """Group mean subtracted, divided by the batch std: grpo_advantages(scale="batch")."""
+    m = as_bool(mask)
+    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale="batch")
+    return per_token(adv, m), None
+
+
+@register_advantage("leave_one_out")
+def _leave_one_out(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+                   step_ends=None, gamma=1.0, lam=0.95):
+    """RLOO: rloo_advantages broadcast to [N, T]."""
+    m = as_bool(mask)
+    adv = rloo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size)
+    return per_token(adv, m), None
+
+
+@register_advantage("reinforce_pp")
+def _reinforce_pp(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+                  step_ends=None, gamma=1.0, lam=0.95):
+    """REINFORCE++: reinforce_pp_advantages on token_rewards (or rewards on the last token)."""
+    m = as_bool(mask)
+    return reinforce_pp_advantages(_token_rewards(rewards, token_rewards, m), m), None
+
+
+@register_advantage("gae")
+def _gae(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+         step_ends=None, gamma=1.0, lam=0.95):
+    """PPO: gae_advantages on token_rewards (or rewards on the last token); needs values."""
+    if values is None:
+        raise ValueError("advantage 'gae' needs values (a critic); got values=None")
+    m = as_bool(mask)
+    return gae_advantages(_token_rewards(rewards, token_rewards, m), values, m, gamma=gamma, lam=lam)
+
+
+@register_advantage("process")
+def _process(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
+             step_ends=None, gamma=1.0, lam=0.95):
+    """DeepSeekMath process supervision: process_advantages; needs step_rewards and step_ends."""
+    if step_rewards is None or step_ends is None:
+        raise ValueError("advantage 'process' needs step_rewards and step_ends")
+    return process_advantages(step_rewards, step_ends, mask, group_size), None
