@@ -1,0 +1,326 @@
+"""One dataclass tree for every knob, each field documented once (the text becomes ``--help``).
+
+Values come from defaults, then a YAML file, then dotted ``key=value`` overrides
+(``algo.eps_high=0.28``). Unknown keys and bad values are errors that name the key, say what is
+allowed and suggest the nearest known key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names it."""
+
+
+def opt(default, help: str, choices=None):
+    """A documented field; ``choices`` restricts the values."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+ALGORITHMS = ("grpo", "ppo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")
+
+
+@dataclass
+class AlgoConfig:
+    """The algorithm's independent choices. ``None`` takes the value of the preset named by
+    ``algorithm``; anything set here overrides it."""
+
+    advantage: str | None = opt(None, "advantage estimator: group_norm, group_mean, batch_norm, leave_one_out, reinforce_pp, gae, process")
+    ratio_level: str | None = opt(None, "importance ratio per token, or per sequence (GSPO)", [None, "token", "sequence"])
+    eps_low: float | None = opt(None, "lower clip range: rho >= 1 - eps_low")
+    eps_high: float | None = opt(None, "upper clip range: rho <= 1 + eps_high (clip-higher when > eps_low)")
+    dual_clip: float | None = opt(None, "dual-clip constant c > 1 bounding the loss of negative advantages at -c*A")
+    loss_agg: str | None = opt(None, "loss aggregation", [None, "seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+    kl_placement: str | None = opt(None, "where the KL to the reference goes", [None, "loss", "reward", "none"])
+    kl_estimator: str | None = opt(None, "KL estimator", [None, "k1", "k2", "k3"])
+    unbiased_kl: bool | None = opt(None, "DeepSeek-V3.2: weight the k3 KL by pi_theta/pi_old so its gradient is unbiased")
+    whiten_advantages: bool | None = opt(None, "whiten advantages over the batch's real tokens")
+    dynamic_sampling: bool | None = opt(None, "DAPO: drop groups whose rewards are all equal and sample more prompts")
+    overlong_buffer: int | None = opt(None, "DAPO soft overlong punishment buffer in tokens (0 = off)")
+    overlong_penalty: float | None = opt(None, "DAPO overlong penalty at the maximum length")
+    max_extra_rounds: int = opt(4, "dynamic sampling: at most this many extra rollout rounds per step")
+    max_len: int | None = opt(None, "constant normalizer of seq-mean-token-sum-norm (default: max_new_tokens)")
+    adv_eps: float = opt(1e-4, "epsilon in the group-normalized advantage's denominator")
+    gamma: float = opt(1.0, "GAE discount")
+    lam: float = opt(0.95, "GAE lambda")
+    off_policy_delta: float | None = opt(None, "DeepSeek-V3.2 off-policy sequence masking threshold delta (None = off)")
+    keep_sampling_mask: bool = opt(False, "DeepSeek-V3.2: record the top-p/top-k support at sampling and compute pi_old and pi_theta over it")
+    keep_routing: bool = opt(False, "DeepSeek-V3.2: replay the MoE experts chosen at sampling in the training forward")
+    tis_cap: float | None = opt(None, "truncated importance sampling cap between the sampler's and the trainer's log-probs (None = off)")
+
+
+@dataclass
+class PPOConfig:
+    """Critic and reward-side KL settings (used by presets with a critic or KL in the reward)."""
+
+    critic: str | None = opt(None, "value model: a separate copy with a scalar head, or a head on the policy's backbone", [None, "separate", "shared"])
+    critic_init: str = opt("policy", "initialize a separate critic from 'policy' or from a reward model directory")
+    critic_learning_rate: float | None = opt(None, "critic learning rate (default: learning_rate x 5)")
+    vf_coef: float = opt(0.5, "value loss coefficient")
+    value_clip: float | None = opt(0.2, "value clipping range around the old values (None = unclipped)")
+    kl_target: float | None = opt(None, "adaptive KL controller target (None = fixed beta)")
+    kl_horizon: int = opt(10000, "adaptive KL controller horizon in samples")
+    ptx_coef: float = opt(0.0, "PPO-ptx: coefficient of a language-modelling loss on ptx_dataset")
+    ptx_dataset: str | None = opt(None, "PPO-ptx dataset with prompt and completion columns (or text)")
+
+
+@dataclass
+class IterativeConfig:
+    """Iterative GRPO (DeepSeekMath Algorithm 1)."""
+
+    ref_reset_steps: int = opt(0, "every K steps reset the reference model to the current policy (0 = never)")
+    rm_retrain: bool = opt(False, "continue training the reward model on new policy samples at each reset")
+    rm_replay: float = opt(0.1, "fraction of historical preference data replayed when retraining the reward model")
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process training."""
+
+    strategy: str = opt("none", "data parallel strategy", ["none", "ddp", "fsdp"])
+    nproc: int = opt(1, "processes to launch with torchrun when strategy is ddp or fsdp")
+
+
+@dataclass
+class Config:
+    """``lmpo train``: RL fine-tuning of a causal language model."""
+
+    model: str | None = opt(None, "HF model directory (default: the embedded tiny model, SFT-warmed if sft_dir is set)")
+    tokenizer: str | None = opt(None, "tokenizer directory (default: the model's)")
+    dataset: str = opt("addition", "prompt dataset: jsonl/json/parquet/csv/saved HF dataset with a 'prompt' column, or 'addition'")
+    eval_dataset: str | None = opt(None, "held-out dataset for evaluation (default for 'addition': its held-out set)")
+    reward_funcs: list = opt(["addition_exact"], "reward functions: built-in names, 'module:function' or 'file.py:function'")
+    reward_weights: list | None = opt(None, "weights of the reward sources in order (reward_funcs, then reward_model, then reward_url); default 1 each")
+    reward_model: str | None = opt(None, "reward model directory (AutoModelForSequenceClassification) used as a reward source")
+    reward_url: str | None = opt(None, "HTTP endpoint used as a reward source (POST JSON batches)")
+    reward_errors: str = opt("skip", "a reward function failing on a sample: skip the sample (no gradient, logged) or raise", ["skip", "raise"])
+    reward_workers: int = opt(4, "threads computing reward functions concurrently")
+    algorithm: str = opt("grpo", "preset of algorithm choices", list(ALGORITHMS))
+    group_size: int = opt(8, "G: samples per prompt")
+    prompts_per_step: int = opt(8, "prompts per RL step (a step has prompts_per_step x group_size samples)")
+    max_steps: int = opt(100, "RL steps")
+    learning_rate: float = opt(1e-5, "policy learning rate (AdamW)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(0, "linear learning-rate warmup steps")
+    beta: float = opt(0.04, "KL coefficient (0: no reference model is loaded)")
+    epochs: int = opt(1, "mu: update epochs over each rollout batch")
+    minibatches: int = opt(1, "optimizer steps per epoch (the batch is split into this many minibatches)")
+    micro_batch_size: int | None = opt(None, "rows per forward/backward (gradient accumulation); default: whole minibatch")
+    max_grad_norm: float | None = opt(1.0, "gradient clipping norm (None = off)")
+    max_new_tokens: int = opt(8, "maximum completion length")
+    max_prompt_len: int | None = opt(None, "maximum prompt length in tokens (default: model context - max_new_tokens)")
+    temperature: float = opt(1.0, "sampling temperature (log-probs in training use the same temperature)")
+    top_p: float = opt(1.0, "nucleus sampling")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    old_logp: str = opt("auto", "pi_old: 'auto' (detached current log-probs when there is one optimizer step per rollout, else recompute), 'recompute', or 'sampler' (the rollout's log-probs)", ["auto", "recompute", "sampler"])
+    seed: int = opt(0, "random seed")
+    output_dir: str = opt("runs/grpo", "where metrics, samples, checkpoints and the final model go")
+    save_steps: int = opt(50, "checkpoint every N steps (and always at the end)")
+    eval_steps: int = opt(0, "held-out evaluation every N steps (0 = only at the end)")
+    eval_samples: int = opt(200, "held-out rows used by evaluation")
+    log_samples: int = opt(2, "sample completions written to samples.jsonl per step")
+    tensorboard: bool = opt(False, "also log metrics to TensorBoard in output_dir/tb")
+    progress: bool = opt(True, "show a progress bar with the live reward")
+    dtype: str = opt("float32", "training and rollout precision (bf16 uses autocast)", ["float32", "bfloat16"])
+    device: str = opt("auto", "cpu, cuda, or auto")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    lora_r: int = opt(0, "LoRA rank through peft (0 = full fine-tuning); the reference is the base with the adapter off")
+    algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={"help": "algorithm choices (override the preset)"})
+    ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "critic and reward-KL settings"})
+    iterative: IterativeConfig = field(default_factory=IterativeConfig, metadata={"help": "iterative GRPO"})
+    distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "multi-process training"})
+
+
+@dataclass
+class SFTConfig:
+    """``lmpo sft``: supervised fine-tuning on (prompt, completion) pairs, loss on completion tokens only."""
+
+    model: str | None = opt(None, "HF model directory (default: a freshly built embedded tiny model)")
+    tokenizer: str | None = opt(None, "tokenizer directory (default: the model's)")
+    dataset: str = opt("addition", "jsonl/json/parquet/csv/saved HF dataset with prompt and completion columns, or 'addition'")
+    max_steps: int = opt(300, "optimizer steps")
+    batch_size: int = opt(64, "pairs per step")
+    learning_rate: float = opt(3e-3, "AdamW learning rate (cosine decay after warmup)")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = opt(1.0, "gradient clipping norm")
+    seed: int = opt(0, "random seed")
+    output_dir: str = opt("runs/sft", "where the model and tokenizer are saved")
+    device: str = opt("auto", "cpu, cuda, or auto")
+    threads: int | None = opt(None, "torch CPU threads")
+    progress: bool = opt(True, "show a progress bar")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _fields(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, tp, key: str, choices):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return _check_choice(None, key, choices)
+        inner = [a for a in args if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else tp
+        origin = typing.get_origin(tp)
+    try:
+        if tp is bool or tp == "bool":
+            if isinstance(value, bool):
+                out = value
+            elif str(value).lower() in ("true", "1", "yes", "on"):
+                out = True
+            elif str(value).lower() in ("false", "0", "no", "off"):
+                out = False
+            else:
+                raise ValueError
+        elif tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            out = int(value)
+        elif tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+        elif tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            out = str(value)
+        elif tp is list or origin is list:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                value = [value]
+            out = list(value)
+        else:
+            out = value
+    except (TypeError, ValueError):
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"config key '{key}' must be {name}, got {value!r}.") from None
+    return _check_choice(out, key, choices)
+
+
+def _check_choice(value, key, choices):
+    if choices is not None and value not in choices:
+        allowed = ", ".join(str(c) for c in choices)
+        raise ConfigError(f"config key '{key}' has the value {value!r}; allowed values: {allowed}.")
+    return value
+
+
+def _unknown(key: str, known) -> ConfigError:
+    near = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
+    hint = f" Did you mean '{'.'.join(key.split('.')[:-1] + [near[0]])}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'.{hint} Run `lmpo train --help` for the keys.")
+
+
+def _apply(obj, data: dict, prefix: str = ""):
+    fields = _fields(type(obj))
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown(full, fields)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give it a mapping of its keys.")
+            _apply(getattr(obj, key), value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, full, fields[key].metadata.get("choices")))
+
+
+def parse_overrides(items) -> dict:
+    """``['a=1', 'algo.eps_high=0.28']`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not key=value (for example learning_rate=1e-5).")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path=None, overrides=(), cls=Config, base: dict | None = None):
+    """Build a ``cls`` from defaults, then ``base``, then the YAML at ``path``, then overrides."""
+    cfg = cls()
+    if base:
+        _apply(cfg, base)
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file '{path}' does not exist.")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must be a mapping of keys to values.")
+        _apply(cfg, data)
+    _apply(cfg, parse_overrides(overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    def positive(key, value, strict=True):
+        if value is not None and (value <= 0 if strict else value < 0):
+            raise ConfigError(f"config key '{key}' must be {'> 0' if strict else '>= 0'}, got {value}.")
+
+    if isinstance(cfg, Config):
+        for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate", "temperature"):
+            positive(key, getattr(cfg, key))
+        positive("max_steps", cfg.max_steps, strict=False)
+        positive("beta", cfg.beta, strict=False)
+        if not 0 < cfg.top_p <= 1:
+            raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
+        positive("top_k", cfg.top_k, strict=False)
+        n = cfg.prompts_per_step * cfg.group_size
+        if n % cfg.minibatches:
+            raise ConfigError(f"config key 'minibatches' ({cfg.minibatches}) must divide prompts_per_step x group_size ({n}).")
+        if cfg.reward_weights is not None:
+            n_src = len(cfg.reward_funcs) + (cfg.reward_model is not None) + (cfg.reward_url is not None)
+            if len(cfg.reward_weights) != n_src:
+                raise ConfigError(f"config key 'reward_weights' has {len(cfg.reward_weights)} weights for {n_src} reward sources "
+                                  "(reward_funcs, then reward_model, then reward_url).")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def help_text(cls=Config, prefix: str = "") -> str:
+    """One line per key: name, default and documentation, sections expanded."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"\n  [{prefix}{f.name}] {f.metadata.get('help', '')}")
+            lines.append(help_text(hints[f.name], prefix=f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" {{{', '.join(str(c) for c in choices if c is not None)}}}" if choices else ""
+        lines.append(f"  {prefix}{f.name} = {default!r}{extra}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""``RolloutBatch``: the one carrier between the stages of an RL step.
+
+Rows are ordered group by group: rows ``i*G … i*G+G-1`` are the G samples of prompt i.
+The rollout fills the sampling fields; ``reward``, ``prepare`` and ``update`` add theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    # --- from the rollout
+    prompt_ids: torch.Tensor          # [N, P] left-padded
+    prompt_mask: torch.Tensor         # [N, P]
+    completion_ids: torch.Tensor      # [N, T] right-padded with pad after EOS
+    mask: torch.Tensor                # [N, T] float, 1 on real completion tokens (EOS included)
+    sampler_logp: torch.Tensor        # [N, T] log-prob of each sampled token under the sampling distribution
+    truncated: torch.Tensor           # [N] bool: no EOS within max_new_tokens
+    group_size: int
+    prompts: list = field(default_factory=list)        # [N] prompt text
+    completions: list = field(default_factory=list)    # [N] completion text (without EOS)
+    rows: list = field(default_factory=list)           # [N] the dataset row of each sample
+    keep_mask: torch.Tensor | None = None   # [N, T, V] bool: kept top-p/top-k support (keep_sampling_mask)
+    routing: list | None = None             # per MoE layer [N, P+T, k] expert ids (keep_routing)
+    # --- from reward
+    rewards: torch.Tensor | None = None     # [N] sequence reward (NaN where invalid)
+    valid: torch.Tensor | None = None       # [N] bool: every reward source scored this sample
+    step_rewards: torch.Tensor | None = None  # [N, S] process rewards, NaN-padded
+    step_ends: torch.Tensor | None = None     # [N, S] token index where each step ends, -1-padded
+    # --- from prepare
+    old_logp: torch.Tensor | None = None    # [N, T]
+    ref_logp: torch.Tensor | None = None    # [N, T]
+    values: torch.Tensor | None = None      # [N, T]
+    token_rewards: torch.Tensor | None = None  # [N, T]
+    adv: torch.Tensor | None = None         # [N, T]
+    returns: torch.Tensor | None = None     # [N, T]
+    is_weights: torch.Tensor | None = None  # [N, T] truncated importance weights
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "RolloutBatch":
+        """The rows ``idx`` (a 1-D index tensor) of every per-row field."""
+        n = len(self)
+        ids = idx.tolist()
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+                out[f.name] = v[idx]
+            elif isinstance(v, list) and len(v) == n and f.name != "routing":
+                out[f.name] = [v[i] for i in ids]
+            elif f.name == "routing" and v is not None:
+                out[f.name] = [r[idx] for r in v]
+            else:
+                out[f.name] = v
+        return RolloutBatch(**out)
+
+    @staticmethod
+    def cat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+        """Concatenate batches row-wise (right-padding the token dimension)."""
+        if len(batches) == 1:
+            return batches[0]
+        out = {}
+        for f in fields(RolloutBatch):
+            vals = [getattr(b, f.name) for b in batches]
+            if all(v is None for v in vals):
+                out[f.name] = None
+            elif isinstance(vals[0], torch.Tensor):
+                out[f.name] = _cat_padded(vals, f.name)
+            elif isinstance(vals[0], list) and f.name != "routing":
+                out[f.name] = [x for v in vals for x in v]
+            elif f.name == "routing":
+                out[f.name] = [torch.cat(layer) for layer in zip(*vals)]
+            else:
+                out[f.name] = vals[0]
+        return RolloutBatch(**out)
+
+
+_PAD = {"prompt_ids": None, "completion_ids": None, "step_ends": -1, "step_rewards": float("nan")}
+
+
+def _cat_padded(vals, name):
+    if vals[0].dim() == 1:
+        return torch.cat(vals)
+    width = max(v.shape[1] for v in vals)
+    out = []
+    for v in vals:
+        extra = width - v.shape[1]
+        if extra:
+            fill = _PAD.get(name, 0)
+            if name == "prompt_ids":  # left padding
+                pad = torch.full((v.shape[0], extra, *v.shape[2:]), int(v[0, 0]) if fill is None else fill, dtype=v.dtype)
+                pad.fill_(0)
+                v = torch.cat([pad, v], 1)
+            elif name == "prompt_mask":
+                v = torch.cat([torch.zeros((v.shape[0], extra, *v.shape[2:]), dtype=v.dtype), v], 1)
+            else:
+                pad = torch.full((v.shape[0], extra, *v.shape[2:]), 0 if fill is None else fill, dtype=v.dtype)
+                v = torch.cat([v, pad], 1)
+        out.append(v)
+    return torch.cat(out)

@@ -1,0 +1,136 @@
+"""The built-in sampler: batched KV-cache generation for any HF causal LM.
+
+All groups are generated in one batch. A group shares its prompt, so the prompt is prefilled once
+and its cache expanded to the G samples; sequences that emit EOS leave the batch and stop costing
+compute. Each sampled token's log-prob under the sampling distribution is recorded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import RolloutBatch
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logits [n, V] with everything outside the top-k / top-p (nucleus) support set to -inf.
+
+    top-p keeps the smallest set of most probable tokens whose mass reaches ``top_p`` (the token
+    that crosses the threshold is kept)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs          # mass of strictly more probable tokens
+        drop_sorted = mass_before >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _forward(model, **kw):
+    try:
+        return model(**kw, logits_to_keep=1)
+    except TypeError:  # models without logits_to_keep
+        return model(**kw)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens: int, eos_token_id: int,
+             pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+             keep_support: bool = False, generator: torch.Generator | None = None, routing_hook=None):
+    """Sample ``group_size`` completions for each of the B prompts.
+
+    prompt_ids, prompt_mask: [B, P] left-padded. Returns a dict of tensors on the model's device:
+    ``completion_ids`` [N, T], ``mask`` [N, T] (real tokens, EOS included), ``sampler_logp`` [N, T],
+    ``truncated`` [N], and ``keep_mask`` [N, T, V] when ``keep_support``; N = B·G, T ≤ max_new_tokens.
+    ``temperature == 0`` is greedy decoding (log-probs then come from the untempered distribution).
+    """
+    device = prompt_ids.device
+    G = group_size
+    pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)                              # [B, P]
+    out = _forward(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+    cache = out.past_key_values
+    if G > 1:
+        cache.batch_repeat_interleave(G)                                                 # one prefill per group
+    logits = out.logits[:, -1].float().repeat_interleave(G, 0)                           # [N, V]
+    attn = prompt_mask.repeat_interleave(G, 0)                                           # [N, P]
+    next_pos = pos[:, -1].repeat_interleave(G, 0) + 1                                    # [N]
+    N, V = logits.shape
+    T = max_new_tokens
+    tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros(N, T, device=device)
+    finished_at = torch.full((N,), T, dtype=torch.long, device=device)                   # length incl. EOS
+    keep = torch.zeros(N, T, V, dtype=torch.bool, device=device) if keep_support else None
+    alive = torch.arange(N, device=device)                                               # rows still generating
+    for t in range(T):
+        if temperature == 0:
+            dist_logits = logits
+            tok = logits.argmax(-1)
+        else:
+            dist_logits = filter_logits(logits / temperature, top_k, top_p) if keep_support else logits / temperature
+            sample_logits = dist_logits if keep_support else filter_logits(dist_logits, top_k, top_p)
+            probs = sample_logits.softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        logp = dist_logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+        tokens[alive, t] = tok
+        logps[alive, t] = logp
+        if keep is not None:
+            keep[alive, t] = torch.isfinite(dist_logits)
+        done = tok == eos_token_id
+        finished_at[alive[done]] = t + 1
+        if t == T - 1:
+            break
+        if done.any():
+            stay = (~done).nonzero().squeeze(-1)
+            if stay.numel() == 0:
+                break
+            cache.batch_select_indices(stay)
+            alive, tok, attn, next_pos = alive[stay], tok[stay], attn[stay], next_pos[stay]
+        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+        out = _forward(model, input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1].float()
+        next_pos = next_pos + 1
+    width = int(finished_at.max())
+    mask = (torch.arange(width, device=device)[None, :] < finished_at[:, None]).float()
+    truncated = tokens[torch.arange(N, device=device), finished_at - 1] != eos_token_id
+    result = {
+        "completion_ids": tokens[:, :width],
+        "mask": mask,
+        "sampler_logp": logps[:, :width] * mask,
+        "truncated": truncated,
+    }
+    if keep is not None:
+        result["keep_mask"] = keep[:, :width]
+    return result
+
+
+def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_size: int, max_new_tokens: int,
+            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, keep_support: bool = False,
+            max_prompt_len: int | None = None, device=None, generator=None) -> RolloutBatch:
+    """Tokenize ``prompts`` (left-padded), sample G completions each, and decode them."""
+    device = device or next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    ids, pmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if max_prompt_len is not None and ids.shape[1] > max_prompt_len:
+        lengths = pmask.sum(-1)
+        bad = int((lengths > max_prompt_len).nonzero()[0, 0])
+        raise ValueError(f"prompt {bad} is {int(lengths[bad])} tokens, longer than max_prompt_len={max_prompt_len} "
+                         f"(the model's context minus max_new_tokens): {prompts[bad][:80]!r}")
+    out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   temperature=temperature, top_p=top_p, top_k=top_k, keep_support=keep_support,
+                   generator=generator)
+    G = group_size
+    completions = tokenizer.batch_decode(out["completion_ids"].masked_fill(out["mask"] == 0, tokenizer.pad_token_id),
+                                         skip_special_tokens=True)
+    return RolloutBatch(
+        prompt_ids=ids.repeat_interleave(G, 0), prompt_mask=pmask.repeat_interleave(G, 0),
+        completion_ids=out["completion_ids"], mask=out["mask"], sampler_logp=out["sampler_logp"],
+        truncated=out["truncated"], group_size=G,
+        prompts=[p for p in prompts for _ in range(G)], completions=completions,
+        rows=[r for r in rows for _ in range(G)], keep_mask=out.get("keep_mask"),
+    )
