@@ -1,0 +1,23 @@
+"""Reward functions: verifiers (math, code in a sandbox), format/length shaping, remote
+sources, and their combination for the training loop.
+
+Every built-in has TRL's signature ``f(prompts, completions, **columns) -> list[float | None]``
+where ``columns`` are the dataset's other columns for those rows (lists aligned with
+``completions``), and is importable as ``lmpo.rewards.<name>``. ``REWARD_FUNCS`` maps the
+built-in names to them. Heavy dependencies (math-verify, sympy) load on first use.
+"""
+
+from .code_reward import code_tests
+from .errors import RewardError
+from .format_reward import addition_exact, length_penalty, think_answer_format
+from .math_reward import math_answer
+
+REWARD_FUNCS = {
+    "addition_exact": addition_exact,
+    "math_answer": math_answer,
+    "think_answer_format": think_answer_format,
+    "length_penalty": length_penalty,
+    "code_tests": code_tests,
+}
+
+__all__ = ["REWARD_FUNCS", "RewardError", *REWARD_FUNCS]
