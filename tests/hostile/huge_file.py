@@ -1,0 +1,8 @@
+# tries: fill the disk with a huge file in the work dir
+# expect: 0.0
+def add(a, b):
+    chunk = b"\0" * (1 << 20)
+    with open("huge.bin", "wb") as f:
+        for _ in range(100_000):  # 100 GB
+            f.write(chunk)
+    return a + b

@@ -1,0 +1,10 @@
+# tries: fake a pass by os._exit(0) at import time (a wrong add is all that is left)
+# expect: 0.0
+import os
+
+
+def add(a, b):
+    return a - b
+
+
+os._exit(0)
