@@ -1,0 +1,159 @@
+"""The ``lmpo`` command.
+
+    lmpo train [CONFIG.yaml] [key=value ...] [--resume]   RL (GRPO, PPO and family)
+    lmpo sft   [CONFIG.yaml] [key=value ...]              supervised warm start
+    lmpo rm    [CONFIG.yaml] [key=value ...]              reward model from preference pairs
+    lmpo eval  MODEL_DIR [key=value ...]                  held-out greedy / sampled accuracy
+    lmpo compare [CONFIG.yaml] [key=value ...] [--algorithms grpo,ppo]
+    lmpo serve-reward SPEC [--host H --port P]
+    lmpo demo [--quick]
+
+Errors in configs, datasets, models and reward functions are printed as one paragraph that names
+the culprit, with exit status 2; ``LMPO_DEBUG=1`` shows the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _user_errors():
+    from .config import ConfigError
+    from .data import DatasetError
+    from .models.load import ModelError
+
+    errs = [ConfigError, DatasetError, ModelError]
+    try:
+        from .rewards.errors import RewardError
+
+        errs.append(RewardError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+def _split(argv):
+    """(config path or None, overrides, flags) from ``[CONFIG.yaml] [key=value ...] [--flag ...]``."""
+    path, overrides, flags = None, [], []
+    for a in argv:
+        if a.startswith("--"):
+            flags.append(a)
+        elif "=" in a:
+            overrides.append(a)
+        elif path is None:
+            path = a
+        else:
+            from .config import ConfigError
+
+            raise ConfigError(f"unexpected argument '{a}': give one config file and key=value overrides.")
+    return path, overrides, flags
+
+
+def cmd_train(argv):
+    from .config import Config, help_text, load_config
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: lmpo train [CONFIG.yaml] [key=value ...] [--resume]\n\nkeys:\n" + help_text(Config))
+        return 0
+    path, overrides, flags = _split(argv)
+    cfg = load_config(path, overrides)
+    if cfg.distributed.strategy != "none" and "LOCAL_RANK" not in os.environ and cfg.distributed.nproc > 1:
+        from .train.distributed import launch
+
+        return launch(sys.argv[1:], cfg.distributed.nproc)
+    from .train.rl import train
+
+    metrics = train(cfg, resume="--resume" in flags)
+    keys = [k for k in ("reward/mean", "eval/greedy_accuracy", "eval/sampled_accuracy") if k in metrics]
+    print(json.dumps({k: metrics[k] for k in keys}))
+    print(f"saved to {cfg.output_dir}/final")
+    return 0
+
+
+def cmd_sft(argv):
+    from .config import SFTConfig, help_text, load_config
+    from .train.sft import train_sft
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: lmpo sft [CONFIG.yaml] [key=value ...]\n\nkeys:\n" + help_text(SFTConfig))
+        return 0
+    path, overrides, _ = _split(argv)
+    cfg = load_config(path, overrides, cls=SFTConfig)
+    print(json.dumps(train_sft(cfg)))
+    print(f"saved to {cfg.output_dir}")
+    return 0
+
+
+def cmd_eval(argv):
+    from .config import load_config
+    from .models.load import load_causal_lm, load_tokenizer
+    from .train.evaluate import evaluate
+    from .train.setup import reward_sources
+    from .data import addition_heldout, load_rows
+    from .rewards.combine import compute_rewards
+
+    if not argv or argv[0].startswith("-"):
+        print("usage: lmpo eval MODEL_DIR [eval_dataset=FILE reward_funcs=[...] max_new_tokens=N ...]")
+        return 0 if argv else 2
+    model_dir, overrides, _ = argv[0], argv[1:], None
+    cfg = load_config(None, overrides)
+    rows = load_rows(cfg.eval_dataset, what="eval_dataset")[: cfg.eval_samples] if cfg.eval_dataset else addition_heldout(cfg.eval_samples)
+    model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    sources, weights = reward_sources(cfg)
+
+    def reward_fn(prompts, completions, **cols):
+        return compute_rewards(sources, weights, prompts, completions, cols).rewards
+
+    res = {"greedy_accuracy": evaluate(model, tok, rows, reward_fn, max_new_tokens=cfg.max_new_tokens)["accuracy"],
+           "sampled_accuracy": evaluate(model, tok, rows, reward_fn, max_new_tokens=cfg.max_new_tokens,
+                                        temperature=cfg.temperature, seed=cfg.seed)["accuracy"]}
+    print(json.dumps(res))
+    return 0
+
+
+def _module_main(target):
+    def run(argv):
+        import importlib
+
+        mod, fn = target.split(":")
+        return getattr(importlib.import_module(mod), fn)(argv)
+    return run
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "sft": cmd_sft,
+    "eval": cmd_eval,
+    "rm": _module_main("lmpo.train.reward_model:main"),
+    "compare": _module_main("lmpo.compare:main"),
+    "serve-reward": _module_main("lmpo.rewards.serve:main"),
+    "demo": _module_main("lmpo.demo:main"),
+}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        print(f"lmpo: unknown command '{cmd}'." + (f" Did you mean '{near[0]}'?" if near else "")
+              + f" Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest) or 0
+    except _user_errors() as e:
+        if os.environ.get("LMPO_DEBUG"):
+            raise
+        print(f"lmpo {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lmpo {cmd}: interrupted", file=sys.stderr)
+        return 130

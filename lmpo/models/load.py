@@ -1,0 +1,91 @@
+"""Loading HF models and tokenizers for training, and the embedded default model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class ModelError(ValueError):
+    """A model or tokenizer directory that cannot be used; the message names it."""
+
+
+def quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMPO_CACHE", Path.home() / ".cache" / "lmpo"))
+
+
+def load_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"tokenizer '{path}' could not be loaded: {type(e).__name__}: {e}") from None
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(f"tokenizer '{path}' has neither a pad nor an eos token; set one before training.")
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise ModelError(f"tokenizer '{path}' has no eos token: completions could never end.")
+    return tok
+
+
+def load_causal_lm(path, device=None, dtype: str = "float32", trainable: bool = True):
+    """``AutoModelForCausalLM`` from ``path``; eval mode and frozen when not ``trainable``."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    if not Path(str(path)).exists():
+        raise ModelError(f"model '{path}' does not exist: give a local HF model directory "
+                         "(config.json + weights) or leave 'model' unset for the embedded tiny model.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"model '{path}' could not be loaded as a causal LM: {type(e).__name__}: {e}") from None
+    if device is not None:
+        model.to(device)
+    if not trainable:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def context_length(model) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def embedded_model(progress: bool = True) -> Path:
+    """The embedded default policy: the tiny Llama after the default SFT warm start on addition,
+    built once and cached under ``$LMPO_CACHE`` (default ``~/.cache/lmpo``)."""
+    out = cache_dir() / "tiny-addition-sft"
+    if (out / "config.json").exists():
+        return out
+    from ..config import SFTConfig
+    from ..train.sft import train_sft
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    cfg = SFTConfig(output_dir=str(tmp), progress=progress)
+    train_sft(cfg)
+    tmp.rename(out) if not out.exists() else None
+    return out

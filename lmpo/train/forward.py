@@ -1,0 +1,76 @@
+"""Training-side forward passes over a ``RolloutBatch``: completion log-probs, entropy, values.
+
+Log-probs are computed for completion tokens only: the model returns logits for the last T+1
+positions (``logits_to_keep``), and log π(a_t) = logit[a_t] − logsumexp(logits), in row chunks so
+no float32 ``[N, T, vocab]`` copy of the whole batch is made at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..algorithms import sampling_support_logp
+
+
+def sequence_inputs(batch):
+    """input_ids, attention_mask, position_ids [N, P+T] for prompt + completion."""
+    ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
+    attn = torch.cat([batch.prompt_mask, batch.mask.to(batch.prompt_mask.dtype)], 1)
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    return ids, attn, pos
+
+
+def model_forward(model, batch, T: int, hidden: bool = False, **extra):
+    ids, attn, pos = sequence_inputs(batch)
+    kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
+    if hidden:
+        kw["output_hidden_states"] = True
+    try:
+        out = model(**kw, logits_to_keep=T + 1)
+        logits = out.logits[:, :T]
+    except TypeError:  # a model without logits_to_keep
+        out = model(**kw)
+        logits = out.logits[:, -T - 1:-1]
+    h = out.hidden_states[-1][:, -T - 1:-1] if hidden else None
+    return logits, h                                                            # [N, T, V], [N, T, H]
+
+
+def token_logp(logits, tokens, temperature: float = 1.0, keep_mask=None, with_entropy: bool = False, chunk: int = 64):
+    """log π(tokens) [N, T] (and the entropy of π per token when asked) from logits [N, T, V].
+
+    With ``keep_mask`` [N, T, V] the distribution is renormalized over the kept sampling support
+    (DeepSeek-V3.2's "keep sampling mask")."""
+    logps, ents = [], []
+    for s in range(0, logits.shape[0], chunk):
+        lg = logits[s:s + chunk].float()
+        if temperature != 1.0 and temperature > 0:
+            lg = lg / temperature
+        tok = tokens[s:s + chunk, :, None]
+        if keep_mask is not None:
+            logp_all = sampling_support_logp(lg, keep_mask[s:s + chunk])
+            logps.append(logp_all.gather(-1, tok).squeeze(-1))
+        else:
+            logps.append(lg.gather(-1, tok).squeeze(-1) - torch.logsumexp(lg, -1))
+            logp_all = None
+        if with_entropy:
+            with torch.no_grad():
+                la = logp_all if logp_all is not None else lg.log_softmax(-1)
+                p = la.exp()
+                ents.append(-(torch.where(p > 0, p * la, torch.zeros_like(p))).sum(-1))
+    logp = torch.cat(logps)
+    return (logp, torch.cat(ents)) if with_entropy else (logp, None)
+
+
+def completion_logp(model, batch, temperature: float, keep_sampling_mask: bool = False, with_entropy: bool = False,
+                    value_head=None, **extra):
+    """(logp [N, T], entropy [N, T] | None, values [N, T] | None) of the batch's completions under ``model``.
+
+    ``value_head``: a scalar head on the policy's last hidden states (``critic: shared``)."""
+    T = batch.completion_ids.shape[1]
+    logits, h = model_forward(model, batch, T, hidden=value_head is not None, **extra)
+    keep = batch.keep_mask if keep_sampling_mask else None
+    logp, ent = token_logp(logits, batch.completion_ids, temperature, keep, with_entropy)
+    values = value_head(h).squeeze(-1).float() if value_head is not None else None
+    mask = batch.mask > 0
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    return logp, ent, values

@@ -1,0 +1,61 @@
+"""Metrics to ``metrics.jsonl`` (one object per step), sample completions to ``samples.jsonl``,
+optionally TensorBoard, and a progress bar with the live reward."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+class MetricsLogger:
+    def __init__(self, output_dir, tensorboard: bool = False, progress: bool = True, total: int = 0, initial: int = 0,
+                 desc: str = "rl"):
+        from tqdm.auto import tqdm
+
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:  # pragma: no cover - depends on the install
+                raise ImportError("tensorboard=true needs the tensorboard package: pip install 'lmpo[tensorboard]'") from e
+            self.tb = SummaryWriter(str(self.dir / "tb"))
+        self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not progress, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict, samples: list[dict] = ()):
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if samples:
+            with open(self.dir / "samples.jsonl", "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"step": step, **s}) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        self.bar.update(1)
+        self.bar.set_postfix({"reward": f"{row.get('reward/mean', float('nan')):.3f}",
+                              "kl": f"{row.get('kl', 0.0):.4f}"}, refresh=False)
+
+    def close(self):
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

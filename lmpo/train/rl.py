@@ -1,0 +1,415 @@
+"""THE loop. PPO, GRPO and the family are the same five stages; an algorithm is a preset of choices
+(``lmpo.algorithms.presets``) that picks pure functions at each stage:
+
+    prompts ─► rollout ─► reward ─► prepare (old/ref log-probs, values, KL-in-reward, advantages, masks)
+            ─► update (μ epochs × minibatches) ─► log, checkpoint, evaluate
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+
+from .. import algorithms as A
+from ..config import Config, to_dict
+from ..data import render_prompt
+from ..rollout import RolloutBatch, rollout
+from .forward import completion_logp, sequence_inputs
+from .logging import MetricsLogger
+from .setup import Run, checkpoint, setup
+
+
+class Timer(dict):
+    """Accumulates seconds per named phase: ``with t("rollout"): ...``."""
+
+    @contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        yield
+        self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set)."""
+    run = setup(cfg, resume=resume)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step, desc=cfg.algorithm)
+    metrics: dict = {}
+    try:
+        while run.step < cfg.max_steps:
+            t = Timer()
+            t0 = time.perf_counter()
+            batch, roll_stats = collect(run, t)                     # rollout + reward
+            with t("logprob"):
+                prep_stats = prepare(run, batch)                    # old/ref log-probs, values, advantages
+            upd_stats = update(run, batch, t)                       # μ epochs × minibatches
+            run.step += 1
+            metrics = {**roll_stats, **prep_stats, **upd_stats, **step_times(t, time.perf_counter() - t0)}
+            iterative_reset(run, metrics)
+            if cfg.eval_steps and run.step % cfg.eval_steps == 0 and run.eval_rows:
+                metrics.update(evaluate_policy(run))
+            log.log(run.step, metrics, samples(batch, cfg.log_samples))
+            if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
+                checkpoint(run)
+    except BaseException:
+        if run.step > 0:
+            checkpoint(run)  # a crash or Ctrl-C still leaves a resumable checkpoint
+        raise
+    finally:
+        log.close()
+    save_final(run)
+    if run.eval_rows:
+        metrics.update(evaluate_policy(run))
+    return metrics
+
+
+# ----------------------------------------------------------------------------- rollout + reward
+
+
+def collect(run: Run, t: Timer) -> tuple[RolloutBatch, dict]:
+    """Sample G completions for ``prompts_per_step`` prompts and score them. With dynamic sampling
+    (DAPO), groups whose rewards are all equal are dropped and more prompts are sampled, for at most
+    ``algo.max_extra_rounds`` extra rounds; the batch is then topped up with dropped groups."""
+    cfg, algo = run.cfg, run.algo
+    kept, dropped, rounds, zero_std, n_groups, stats = [], [], 0, 0, 0, {}
+    need = cfg.prompts_per_step
+    while True:
+        with t("rollout"):
+            batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size))
+        with t("reward"):
+            stats = merge_sums(stats, score(run, batch))
+        flat = A.zero_std_groups(torch.nan_to_num(batch.rewards, nan=0.0), cfg.group_size)        # [B]
+        zero_std += int(flat.sum())
+        n_groups += flat.numel()
+        if not algo.dynamic_sampling:
+            kept.append(batch)
+            break
+        rows = ~flat.repeat_interleave(cfg.group_size)
+        kept.append(batch.select(rows.nonzero().squeeze(-1)))
+        dropped.append(batch.select((~rows).nonzero().squeeze(-1)))
+        have = sum(len(b) for b in kept) // cfg.group_size
+        if have >= need or rounds >= algo.max_extra_rounds:
+            break
+        rounds += 1
+    batch = RolloutBatch.cat([b for b in kept if len(b)] or [kept[0]])
+    short = need * cfg.group_size - len(batch)
+    if short > 0 and dropped:
+        batch = RolloutBatch.cat([batch, RolloutBatch.cat(dropped).select(torch.arange(short))])
+    batch = batch.select(torch.arange(min(len(batch), need * cfg.group_size)))
+    stats = {k: v / max(1, stats.get("_n", 1)) if not k.startswith("_") and not k.endswith("failures") else v
+             for k, v in stats.items() if k != "_n"}
+    stats["frac_zero_std_groups"] = zero_std / max(1, n_groups)
+    if algo.dynamic_sampling:
+        stats["dynamic/extra_rounds"] = rounds
+        stats["dynamic/frac_groups_dropped"] = zero_std / max(1, n_groups)
+    return batch, stats
+
+
+def sample(run: Run, picked: list) -> RolloutBatch:
+    cfg = run.cfg
+    rows = [r for _, r in picked]
+    prompts = [render_prompt(r["prompt"], run.tokenizer, i) for i, r in picked]
+    run.policy.eval()
+    ctx = torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    with ctx:
+        batch = rollout(run.policy, run.tokenizer, prompts, rows, group_size=cfg.group_size,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                        top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
+                        max_prompt_len=cfg.max_prompt_len, device=run.device)
+    run.policy.train()
+    return batch
+
+
+def score(run: Run, batch: RolloutBatch) -> dict:
+    """batch.rewards [N] (NaN where a reward source failed) and batch.valid [N]; DAPO's overlong
+    shaping is added to the sequence reward."""
+    from ..rewards.combine import compute_rewards
+
+    columns = {k: [r.get(k) for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
+    res = compute_rewards(run.reward_sources, run.reward_weights, batch.prompts, batch.completions, columns,
+                          max_workers=run.cfg.reward_workers, on_error=run.cfg.reward_errors)
+    if res.failures:
+        import warnings
+
+        warnings.warn(f"{len(res.failures)} reward failures this step (those samples get no gradient); "
+                      f"first: {res.failures[0]}", stacklevel=2)
+    rewards = torch.tensor(res.rewards, dtype=torch.float32, device=batch.mask.device)   # [N]
+    batch.valid = torch.tensor(res.valid, dtype=torch.bool, device=rewards.device)
+    lengths = batch.mask.sum(-1)
+    if run.algo.overlong_buffer:
+        rewards = rewards + A.overlong_penalty(lengths, run.cfg.max_new_tokens, run.algo.overlong_buffer,
+                                               run.algo.overlong_penalty)
+    batch.rewards = rewards
+    r = rewards[batch.valid]
+    return {"_n": 1, "reward/mean": float(r.mean()) if r.numel() else float("nan"),
+            "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+            "reward/invalid": int((~batch.valid).sum()),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/truncated_frac": float(batch.truncated.float().mean()),
+            **res.metrics}
+
+
+def merge_sums(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+@torch.no_grad()
+def prepare(run: Run, batch: RolloutBatch) -> dict:
+    """Fill old/ref log-probs, values, per-token rewards, advantages and masks."""
+    cfg, algo = run.cfg, run.algo
+    batch.mask = batch.mask * batch.valid[:, None]                           # invalid samples: no gradient
+    rewards = torch.where(batch.valid, batch.rewards, group_fill(batch.rewards, batch.valid, cfg.group_size))
+    if old_logp_mode(run) == "recompute":
+        batch.old_logp = logp_of(run, run.policy, batch)
+    elif old_logp_mode(run) == "sampler":
+        batch.old_logp = batch.sampler_logp
+    if run.use_ref:
+        batch.ref_logp = ref_logp_of(run, batch)
+    if algo.critic == "separate":
+        batch.values = values_of(run, batch)
+    elif algo.critic == "shared":
+        _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
+    stats = {}
+    if algo.kl_placement == "reward" and batch.ref_logp is not None:
+        behaviour = batch.old_logp if batch.old_logp is not None else batch.sampler_logp
+        batch.token_rewards = A.kl_in_reward(rewards, behaviour, batch.ref_logp, batch.mask, run.beta)  # [N, T]
+        stats["kl_reward"] = float(((behaviour - batch.ref_logp) * batch.mask).sum() / batch.mask.sum().clamp(min=1))
+    adv, batch.returns = A.ADVANTAGES[algo.advantage](
+        rewards=rewards, mask=batch.mask, group_size=cfg.group_size, token_rewards=batch.token_rewards,
+        values=batch.values, step_rewards=batch.step_rewards, step_ends=batch.step_ends,
+        gamma=algo.gamma, lam=algo.lam)                                       # [N, T]
+    batch.adv = A.whiten(adv, batch.mask) * batch.mask if algo.whiten_advantages else adv
+    if algo.tis_cap is not None and batch.old_logp is not None:
+        batch.is_weights = A.truncated_is_weights(batch.old_logp, batch.sampler_logp, batch.mask, algo.tis_cap)
+    stats["adv/mean"] = float((batch.adv * batch.mask).sum() / batch.mask.sum().clamp(min=1))
+    if batch.values is not None:
+        stats["critic/value_mean"] = float((batch.values * batch.mask).sum() / batch.mask.sum().clamp(min=1))
+    return stats
+
+
+def group_fill(rewards, valid, group_size):
+    """Each row's group mean over valid rows (0 when none): the stand-in reward of an invalid row."""
+    g = torch.where(valid, rewards, torch.zeros_like(rewards)).view(-1, group_size)
+    n = valid.view(-1, group_size).sum(-1, keepdim=True).clamp(min=1)
+    return (g.sum(-1, keepdim=True) / n).expand_as(g).reshape(-1)
+
+
+def old_logp_mode(run: Run) -> str:
+    """π_old: 'recompute' (an extra forward), 'sampler' (the rollout's log-probs), or 'current'
+    (one optimizer step per rollout: π_old is the current policy, detached; no extra forward)."""
+    mode = run.cfg.old_logp
+    if mode != "auto":
+        return mode
+    single = run.cfg.epochs == 1 and run.cfg.minibatches == 1
+    needs_before_update = run.algo.kl_placement == "reward" and run.use_ref
+    return "current" if single and not needs_before_update else "recompute"
+
+
+def logp_of(run: Run, model, batch: RolloutBatch) -> torch.Tensor:
+    chunks = []
+    for idx in micro_batches(run, torch.arange(len(batch))):
+        mb = batch.select(idx)
+        with autocast(run):
+            logp, _, _ = completion_logp(model, mb, run.cfg.temperature, run.algo.keep_sampling_mask)
+        chunks.append(logp.float())
+    return torch.cat(chunks)
+
+
+def ref_logp_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
+    if run.ref is not None:
+        return logp_of(run, run.ref, batch)
+    with run.policy.disable_adapter():  # LoRA: the reference is the base model
+        return logp_of(run, run.policy, batch)
+
+
+def values_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
+    from ..models.value import token_values
+
+    ids, attn, pos = sequence_inputs(batch)
+    with autocast(run):
+        return token_values(run.critic, ids, attn, pos, batch.completion_ids.shape[1]).float()
+
+
+def autocast(run: Run):
+    return torch.autocast(run.device.type, dtype=torch.bfloat16) if run.cfg.dtype == "bfloat16" else nullcontext()
+
+
+def micro_batches(run: Run, idx: torch.Tensor):
+    size = run.cfg.micro_batch_size or len(idx)
+    return list(idx.split(size))
+
+
+# ----------------------------------------------------------------------------- update
+
+
+def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
+    """μ epochs over the batch, each split into ``minibatches`` optimizer steps."""
+    cfg = run.cfg
+    sums: dict = {}
+    n_updates = 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(batch))
+        for mb_idx in perm.chunk(cfg.minibatches):
+            mb = batch.select(mb_idx)
+            totals = {"global_tokens": mb.mask.sum().clamp(min=1), "global_seqs": (mb.mask.sum(-1) > 0).sum().clamp(min=1)}
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.critic_optimizer is not None:
+                run.critic_optimizer.zero_grad(set_to_none=True)
+            with t("update"):
+                for idx in micro_batches(run, torch.arange(len(mb))):
+                    loss, stats = loss_fn(run, mb.select(idx), totals)
+                    loss.backward()
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v * len(idx) / len(mb)
+            with t("optimizer"):
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + clip_and_step(run)
+            n_updates += 1
+    out = {k: v / n_updates for k, v in sums.items()}
+    out["lr"] = run.scheduler.get_last_lr()[0]
+    out["beta"] = run.beta
+    return out
+
+
+def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dict]:
+    """The policy loss (+ KL in the loss, + value loss, + ptx) of one micro-batch, normalized by the
+    minibatch's token / sequence counts so accumulated micro-batches give the minibatch loss."""
+    cfg, algo = run.cfg, run.algo
+    with autocast(run):
+        logp, entropy, values = completion_logp(run.policy, mb, cfg.temperature, algo.keep_sampling_mask,
+                                                with_entropy=True, value_head=run.value_head)    # [n, T]
+    old = mb.old_logp if mb.old_logp is not None else logp.detach()
+    mask = mb.mask
+    stats = {}
+    if algo.off_policy_delta is not None:
+        keep = A.off_policy_sequence_mask(logp.detach(), mb.sampler_logp, mb.adv, mask, algo.off_policy_delta)  # [n]
+        stats["off_policy/masked_frac"] = float(1 - keep.float().mean())
+        mask = mask * keep[:, None]
+    per_tok = A.policy_loss(logp, old, mb.adv, mask, algo.eps_low, algo.eps_high, level=algo.ratio_level,
+                            dual_clip=algo.dual_clip)                                             # [n, T]
+    if mb.is_weights is not None:
+        per_tok = per_tok * mb.is_weights
+    kl = None
+    if mb.ref_logp is not None:
+        kl = A.unbiased_kl(logp, old, mb.ref_logp, mask=mask) if algo.unbiased_kl else \
+            A.kl_penalty(logp, mb.ref_logp, algo.kl_estimator, mask=mask)                         # [n, T]
+        if algo.kl_placement == "loss":
+            per_tok = per_tok + run.beta * kl
+    agg = dict(mode=algo.loss_agg, max_len=algo.max_len, **totals)
+    loss = A.aggregate_loss(per_tok, mask, **agg)
+    real = mask > 0
+    with torch.no_grad():
+        ratio = torch.exp(logp - old)[real]
+        stats.update({
+            "loss": float(loss),
+            "actor/clip_frac": float(A.clip_fraction(logp, old, mb.adv, mask, algo.eps_low, algo.eps_high, algo.ratio_level)),
+            "actor/ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
+            "actor/ratio_max": float(ratio.max()) if ratio.numel() else 1.0,
+            "actor/ratio_min": float(ratio.min()) if ratio.numel() else 1.0,
+            "entropy": float(entropy[real].mean()) if real.any() else 0.0,
+            "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
+        })
+    if algo.critic is not None:
+        if algo.critic == "separate":
+            from ..models.value import token_values
+
+            ids, attn, pos = sequence_inputs(mb)
+            with autocast(run):
+                values = token_values(run.critic, ids, attn, pos, mb.completion_ids.shape[1]).float()
+        vl = A.aggregate_loss(A.value_loss(values, mb.values, mb.returns, mask, cfg.ppo.value_clip), mask,
+                              mode="token-mean", global_tokens=totals["global_tokens"])
+        loss = loss + cfg.ppo.vf_coef * vl
+        stats["critic/loss"] = float(vl)
+    if cfg.ppo.ptx_coef > 0:
+        ptx = ptx_loss(run, len(mb) / float(totals["global_seqs"]))
+        loss = loss + cfg.ppo.ptx_coef * ptx
+        stats["ptx/loss"] = float(ptx)
+    return loss, stats
+
+
+def ptx_loss(run: Run, share: float) -> torch.Tensor:
+    """PPO-ptx (InstructGPT): a language-modelling loss on SFT / pretraining pairs."""
+    from ..data import load_rows
+    from .sft import completion_nll, encode_pairs
+
+    if "ptx_rows" not in run.__dict__:
+        run.__dict__["ptx_rows"] = load_rows(run.cfg.ppo.ptx_dataset or run.cfg.dataset, required=("prompt", "completion"),
+                                             what="ppo.ptx_dataset")
+    rows = run.__dict__["ptx_rows"]
+    g = torch.Generator().manual_seed(run.cfg.seed + run.step)
+    pick = torch.randint(len(rows), (run.cfg.prompts_per_step,), generator=g).tolist()
+    ids, attn, lab = encode_pairs(run.tokenizer, [render_prompt(rows[i]["prompt"], run.tokenizer, i) for i in pick],
+                                  [str(rows[i]["completion"]) for i in pick])
+    with autocast(run):
+        return completion_nll(run.policy, ids.to(run.device), attn.to(run.device), lab.to(run.device)) * share
+
+
+def clip_and_step(run: Run) -> float:
+    params = [p for g in run.optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm or float("inf"))
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.critic_optimizer is not None:
+        torch.nn.utils.clip_grad_norm_(run.critic.parameters(), run.cfg.max_grad_norm or float("inf"))
+        run.critic_optimizer.step()
+    return float(norm)
+
+
+# ----------------------------------------------------------------------------- around the step
+
+
+def step_times(t: Timer, total: float) -> dict:
+    out = {f"time/{k}_s": v for k, v in t.items()}
+    out["time/other_s"] = max(0.0, total - sum(t.values()))
+    out["time/step_s"] = total
+    return out
+
+
+def iterative_reset(run: Run, metrics: dict):
+    """Iterative GRPO (DeepSeekMath Alg. 1): every K steps the reference becomes the current policy;
+    the adaptive KL controller (Ziegler et al.) updates β from the observed KL."""
+    cfg = run.cfg
+    if cfg.ppo.kl_target is not None and "kl" in metrics:
+        observed = metrics.get("kl_reward", metrics["kl"])
+        run.beta = A.adaptive_kl_coef(run.beta, observed, cfg.ppo.kl_target, cfg.ppo.kl_horizon,
+                                      cfg.prompts_per_step * cfg.group_size)
+    k = cfg.iterative.ref_reset_steps
+    if k and run.ref is not None and run.step % k == 0:
+        metrics["iterative/kl_before_reset"] = metrics.get("kl", 0.0)
+        run.ref.load_state_dict(run.policy.state_dict())
+        metrics["iterative/reset"] = 1
+
+
+def samples(batch: RolloutBatch, k: int) -> list[dict]:
+    return [{"prompt": batch.prompts[i], "completion": batch.completions[i],
+             "reward": None if math.isnan(float(batch.rewards[i])) else float(batch.rewards[i])}
+            for i in range(min(k, len(batch)))]
+
+
+def save_final(run: Run):
+    out = Path(run.cfg.output_dir) / "final"
+    model = run.policy.merge_and_unload() if run.cfg.lora_r else run.policy
+    model.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+
+
+def evaluate_policy(run: Run) -> dict:
+    from ..rewards.combine import compute_rewards
+    from .evaluate import evaluate
+
+    def reward_fn(prompts, completions, **columns):
+        return compute_rewards(run.reward_sources, run.reward_weights, prompts, completions, columns).rewards
+
+    kw = dict(max_new_tokens=run.cfg.max_new_tokens, seed=run.cfg.seed)
+    greedy = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, **kw)
+    sampled = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, temperature=run.cfg.temperature, **kw)
+    return {"eval/greedy_accuracy": greedy["accuracy"], "eval/sampled_accuracy": sampled["accuracy"]}

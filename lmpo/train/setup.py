@@ -1,0 +1,221 @@
+"""Everything the loop needs, built from a ``Config``: models, optimizers, prompts, reward sources.
+
+The loop (``rl.py``) reads top to bottom; construction, resumption and checkpoint plumbing live here.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..algorithms import PRESET_KEYS, resolve_preset
+from ..config import Config, ConfigError, to_dict
+from ..data import addition_heldout, load_rows
+from ..data.tasks import ADDITION
+from ..models.load import context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
+from .checkpoint import find_checkpoint, load_state, save_checkpoint, set_rng_state
+
+
+class PromptStream:
+    """Dataset rows in a fresh seeded shuffle each epoch; its position is part of the checkpoint."""
+
+    def __init__(self, rows: list[dict], seed: int):
+        self.rows, self.seed, self.epoch, self.pos = rows, seed, 0, 0
+        self._perm = self._shuffle()
+
+    def _shuffle(self):
+        perm = list(range(len(self.rows)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(perm)
+        return perm
+
+    def take(self, k: int) -> list[tuple[int, dict]]:
+        out = []
+        while len(out) < k:
+            if self.pos == len(self._perm):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._shuffle()
+            i = self._perm[self.pos]
+            out.append((i, self.rows[i]))
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load(self, state: dict):
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._perm = self._shuffle()
+
+
+def resolve_algorithm(cfg: Config) -> SimpleNamespace:
+    """The preset named by ``cfg.algorithm`` with ``cfg.algo`` / ``cfg.ppo.critic`` overrides applied,
+    plus the options that are not part of presets (DeepSeek-V3.2 corrections, GAE settings)."""
+    overrides = {k: getattr(cfg.algo, k) for k in PRESET_KEYS if hasattr(cfg.algo, k)}
+    overrides["critic"] = cfg.ppo.critic
+    try:
+        algo = resolve_preset(cfg.algorithm, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"config key 'algorithm' / 'algo': {e}") from None
+    for k in ("max_extra_rounds", "adv_eps", "gamma", "lam", "off_policy_delta", "keep_sampling_mask",
+              "keep_routing", "tis_cap"):
+        algo[k] = getattr(cfg.algo, k)
+    algo["max_len"] = cfg.algo.max_len or cfg.max_new_tokens
+    if algo["advantage"] == "gae" and algo["critic"] is None:
+        raise ConfigError("config: the 'gae' advantage needs a critic; set ppo.critic to 'separate' or 'shared'.")
+    return SimpleNamespace(**algo)
+
+
+@dataclass
+class Run:
+    cfg: Config
+    algo: SimpleNamespace
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    critic: torch.nn.Module | None
+    value_head: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    critic_optimizer: torch.optim.Optimizer | None
+    prompts: PromptStream
+    reward_sources: list
+    reward_weights: list
+    eval_rows: list | None
+    model_dir: str
+    beta: float
+    step: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def use_ref(self) -> bool:
+        return self.ref is not None or (self.cfg.lora_r > 0 and self.beta > 0 and self.algo.kl_placement != "none")
+
+
+def reward_sources(cfg: Config):
+    from ..rewards.combine import resolve_reward_funcs
+
+    sources = resolve_reward_funcs(list(cfg.reward_funcs))
+    if cfg.reward_model:
+        from ..rewards.reward_model import RewardModelScorer
+
+        sources.append(("reward_model", RewardModelScorer(cfg.reward_model)))
+    if cfg.reward_url:
+        from ..rewards.remote import RemoteReward
+
+        sources.append(("reward_url", RemoteReward(cfg.reward_url)))
+    if not sources:
+        raise ConfigError("config: no reward source; set reward_funcs, reward_model or reward_url.")
+    weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(sources)
+    return sources, [float(w) for w in weights]
+
+
+def _lr_lambda(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def setup(cfg: Config, resume: bool = False) -> Run:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    algo = resolve_algorithm(cfg)
+    model_dir = str(cfg.model) if cfg.model else str(embedded_model(progress=cfg.progress))
+    ckpt = find_checkpoint(cfg.output_dir) if resume else None
+    if resume and ckpt is None:
+        raise ConfigError(f"--resume: no checkpoint in '{cfg.output_dir}' (looked for {cfg.output_dir}/checkpoint).")
+    policy_dir = str(ckpt / "policy") if ckpt else model_dir
+    tokenizer = load_tokenizer(cfg.tokenizer or (policy_dir if ckpt else model_dir))
+    policy = load_causal_lm(policy_dir, device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+    if cfg.lora_r:
+        policy = _add_lora(policy, cfg.lora_r)
+    need_ref = cfg.beta > 0 and algo.kl_placement != "none"
+    ref = None
+    if need_ref and not cfg.lora_r:  # with LoRA the reference is the base with the adapter disabled
+        ref_dir = str(ckpt / "ref") if ckpt and (ckpt / "ref").exists() else model_dir
+        ref = load_causal_lm(ref_dir, device, trainable=False)
+    critic = value_head = critic_opt = None
+    params = [p for p in policy.parameters() if p.requires_grad]
+    if algo.critic == "separate":
+        from ..models.value import load_value_model
+
+        if ckpt and (ckpt / "critic").exists():
+            critic = load_value_model(str(ckpt / "critic"), tokenizer, from_reward_model=True).to(device)
+        elif cfg.ppo.critic_init == "policy":
+            critic = load_value_model(model_dir, tokenizer).to(device)
+        else:
+            critic = load_value_model(cfg.ppo.critic_init, tokenizer, from_reward_model=True).to(device)
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.ppo.critic_learning_rate or cfg.learning_rate * 5,
+                                       weight_decay=cfg.weight_decay)
+    elif algo.critic == "shared":
+        from ..models.value import ValueHead
+
+        value_head = ValueHead(policy.config.hidden_size).to(device)
+        params += list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
+    rows = load_rows(cfg.dataset, required=("prompt",))
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
+    elif cfg.dataset == ADDITION:
+        eval_rows = addition_heldout(cfg.eval_samples)
+    ctx = context_length(policy)
+    if cfg.max_prompt_len is None and ctx:
+        cfg.max_prompt_len = ctx - cfg.max_new_tokens
+        if cfg.max_prompt_len <= 0:
+            raise ConfigError(f"config key 'max_new_tokens' ({cfg.max_new_tokens}) leaves no room for a prompt in the "
+                              f"model's context of {ctx} tokens.")
+    sources, weights = reward_sources(cfg)
+    run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
+              value_head=value_head, optimizer=optimizer, scheduler=scheduler, critic_optimizer=critic_opt,
+              prompts=PromptStream(rows, cfg.seed), reward_sources=sources, reward_weights=weights,
+              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta)
+    if ckpt:
+        _restore(run, ckpt)
+    return run
+
+
+def _add_lora(policy, r: int):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover
+        raise ConfigError("config key 'lora_r' needs peft: pip install 'lmpo[lora]'") from e
+    return get_peft_model(policy, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
+
+
+def checkpoint(run: Run):
+    states = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+              "prompts": run.prompts.state(), "beta": run.beta, "extra": run.extra}
+    if run.critic_optimizer is not None:
+        states["critic_optimizer"] = run.critic_optimizer.state_dict()
+    if run.value_head is not None:
+        states["value_head"] = run.value_head.state_dict()
+    models = {"policy": run.policy, "critic": run.critic}
+    if run.ref is not None and run.cfg.iterative.ref_reset_steps:
+        models["ref"] = run.ref
+    return save_checkpoint(run.cfg.output_dir, models=models, states=states, tokenizer=run.tokenizer,
+                           meta={"step": run.step, "config": to_dict(run.cfg), "model_dir": run.model_dir})
+
+
+def _restore(run: Run, ckpt: Path):
+    states, meta = load_state(ckpt)
+    run.optimizer.load_state_dict(states["optimizer"])
+    run.scheduler.load_state_dict(states["scheduler"])
+    if run.critic_optimizer is not None and "critic_optimizer" in states:
+        run.critic_optimizer.load_state_dict(states["critic_optimizer"])
+    if run.value_head is not None and "value_head" in states:
+        run.value_head.load_state_dict(states["value_head"])
+    run.prompts.load(states["prompts"])
+    run.beta = states["beta"]
+    run.extra = states.get("extra", {})
+    run.step = meta["step"]
+    set_rng_state(states["rng"])
