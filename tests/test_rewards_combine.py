@@ -30,9 +30,9 @@ def test_import_is_light():
 
 
 def test_addition_exact():
-    out = rewards.addition_exact(["37+48="] * 5, ["85", " 85\nmore", "85 is it", "850", ""],
-                                 answer=["85"] * 5)
-    assert out == [1.0, 1.0, 1.0, 0.0, 0.0]
+    out = rewards.addition_exact(["37+48="] * 6, ["85", " 85\n", " 85\nmore", "85 is it", "850", ""],
+                                 answer=["85"] * 6)
+    assert out == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_think_answer_format():

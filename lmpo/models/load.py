@@ -52,7 +52,7 @@ def load_causal_lm(path, device=None, dtype: str = "float32", trainable: bool = 
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    if not Path(str(path)).exists():
+    if not Path(str(path)).exists() and not _looks_like_hub_id(path):
         raise ModelError(f"model '{path}' does not exist: give a local HF model directory "
                          "(config.json + weights) or leave 'model' unset for the embedded tiny model.")
     try:
@@ -64,6 +64,12 @@ def load_causal_lm(path, device=None, dtype: str = "float32", trainable: bool = 
     if not trainable:
         model.eval().requires_grad_(False)
     return model
+
+
+def _looks_like_hub_id(path) -> bool:
+    """``org/name`` with no local directory: transformers resolves it (from its cache or the hub)."""
+    parts = str(path).split("/")
+    return len(parts) == 2 and all(parts) and not str(path).startswith((".", "~"))
 
 
 def context_length(model) -> int | None:

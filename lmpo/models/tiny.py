@@ -34,12 +34,12 @@ def build_tokenizer():
         pad_token="<pad>",
         unk_token="<unk>",
         padding_side="left",
-        model_max_length=64,
+        model_max_length=512,
     )
 
 
 def build_model(tokenizer, hidden_size=128, num_layers=4, intermediate_size=512, num_heads=4,
-                max_positions=64, seed=0):
+                max_positions=512, seed=0):
     """A small Llama (``LlamaForCausalLM``) with random weights; defaults give ~1.05 M parameters."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -11,6 +11,7 @@ from .code_reward import code_tests
 from .errors import RewardError
 from .format_reward import addition_exact, length_penalty, think_answer_format
 from .math_reward import math_answer
+from .process import addition_digit_steps, process_reward
 
 REWARD_FUNCS = {
     "addition_exact": addition_exact,
@@ -18,6 +19,7 @@ REWARD_FUNCS = {
     "think_answer_format": think_answer_format,
     "length_penalty": length_penalty,
     "code_tests": code_tests,
+    "addition_digit_steps": addition_digit_steps,
 }
 
-__all__ = ["REWARD_FUNCS", "RewardError", *REWARD_FUNCS]
+__all__ = ["REWARD_FUNCS", "RewardError", "process_reward", *REWARD_FUNCS]

@@ -50,12 +50,11 @@ length_penalty = make_length_penalty()
 
 
 def addition_exact(prompts, completions, answer=None, **_columns):
-    """The embedded task ("37+48=" -> "85"): 1.0 when the completion's first word, after
-    stripping, equals the ``answer`` string exactly, else 0.0."""
+    """The embedded task ("37+48=" -> "85"): exact match, 1.0 when the completion (stripped of
+    surrounding whitespace) equals the ``answer`` string, else 0.0. Trailing text is wrong."""
     if answer is None:
         return [None] * len(completions)
     out = []
     for c, gold in zip(completions, answer):
-        words = _text(c).strip().split(None, 1)
-        out.append(1.0 if words and words[0] == str(gold).strip() else 0.0)
+        out.append(1.0 if _text(c).strip() == str(gold).strip() else 0.0)
     return out

@@ -30,6 +30,21 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample_tokens(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: token i with F(i−1) < u·F(V) ≤ F(i), F the cumulative softmax of
+    ``logits`` [n, V] and ``u`` [n] uniforms in (0, 1). Each row depends only on its own uniform, so a
+    sample does not depend on which other rows share the batch (or the rank that draws it)."""
+    cdf = logits.softmax(-1).cumsum(-1)                                                  # [n, V]
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+
+
+def group_uniforms(seeds: list[int], group_size: int, steps: int, device=None) -> torch.Tensor:
+    """[B·G, T] uniforms in (0, 1), one seeded stream per prompt: a group's samples are a function of
+    its seed alone."""
+    out = [torch.rand(group_size, steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.cat(out).clamp_(min=1e-12).to(device)
+
+
 def _forward(model, **kw):
     try:
         return model(**kw, logits_to_keep=1)
@@ -40,13 +55,16 @@ def _forward(model, **kw):
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens: int, eos_token_id: int,
              pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             keep_support: bool = False, generator: torch.Generator | None = None, routing_hook=None):
+             keep_support: bool = False, uniforms: torch.Tensor | None = None,
+             generator: torch.Generator | None = None):
     """Sample ``group_size`` completions for each of the B prompts.
 
     prompt_ids, prompt_mask: [B, P] left-padded. Returns a dict of tensors on the model's device:
     ``completion_ids`` [N, T], ``mask`` [N, T] (real tokens, EOS included), ``sampler_logp`` [N, T],
     ``truncated`` [N], and ``keep_mask`` [N, T, V] when ``keep_support``; N = B·G, T ≤ max_new_tokens.
     ``temperature == 0`` is greedy decoding (log-probs then come from the untempered distribution).
+    ``uniforms`` [N, max_new_tokens] drive the sampling (see ``sample_tokens``); by default they are
+    drawn from ``generator``.
     """
     device = prompt_ids.device
     G = group_size
@@ -65,6 +83,8 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
     finished_at = torch.full((N,), T, dtype=torch.long, device=device)                   # length incl. EOS
     keep = torch.zeros(N, T, V, dtype=torch.bool, device=device) if keep_support else None
     alive = torch.arange(N, device=device)                                               # rows still generating
+    if uniforms is None and temperature != 0:
+        uniforms = torch.rand(N, T, generator=generator, device=device).clamp_(min=1e-12)
     for t in range(T):
         if temperature == 0:
             dist_logits = logits
@@ -72,8 +92,7 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
         else:
             dist_logits = filter_logits(logits / temperature, top_k, top_p) if keep_support else logits / temperature
             sample_logits = dist_logits if keep_support else filter_logits(dist_logits, top_k, top_p)
-            probs = sample_logits.softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            tok = sample_tokens(sample_logits, uniforms[alive, t])
         logp = dist_logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
         tokens[alive, t] = tok
         logps[alive, t] = logp
@@ -110,8 +129,9 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
 
 def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_size: int, max_new_tokens: int,
             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, keep_support: bool = False,
-            max_prompt_len: int | None = None, device=None, generator=None) -> RolloutBatch:
-    """Tokenize ``prompts`` (left-padded), sample G completions each, and decode them."""
+            max_prompt_len: int | None = None, device=None, generator=None, seeds: list[int] | None = None) -> RolloutBatch:
+    """Tokenize ``prompts`` (left-padded), sample G completions each, and decode them. With ``seeds``
+    (one per prompt) each group's samples depend on its seed only."""
     device = device or next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
     ids, pmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -123,6 +143,7 @@ def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_siz
     out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                    temperature=temperature, top_p=top_p, top_k=top_k, keep_support=keep_support,
+                   uniforms=None if seeds is None else group_uniforms(seeds, group_size, max_new_tokens, device),
                    generator=generator)
     G = group_size
     completions = tokenizer.batch_decode(out["completion_ids"].masked_fill(out["mask"] == 0, tokenizer.pad_token_id),

@@ -42,6 +42,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step, desc=cfg.algorithm)
     metrics: dict = {}
+    t_start = time.perf_counter()
     try:
         while run.step < cfg.max_steps:
             t = Timer()
@@ -67,6 +68,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     save_final(run)
     if run.eval_rows:
         metrics.update(evaluate_policy(run))
+    write_summary(run, metrics, time.perf_counter() - t_start)
     return metrics
 
 
@@ -82,7 +84,8 @@ def collect(run: Run, t: Timer) -> tuple[RolloutBatch, dict]:
     need = cfg.prompts_per_step
     while True:
         with t("rollout"):
-            batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size))
+            batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size),
+                           rounds)
         with t("reward"):
             stats = merge_sums(stats, score(run, batch))
         flat = A.zero_std_groups(torch.nan_to_num(batch.rewards, nan=0.0), cfg.group_size)        # [B]
@@ -112,8 +115,11 @@ def collect(run: Run, t: Timer) -> tuple[RolloutBatch, dict]:
     return batch, stats
 
 
-def sample(run: Run, picked: list) -> RolloutBatch:
+def sample(run: Run, picked: list, round_: int = 0) -> RolloutBatch:
+    """G completions for each picked (index, row); group j of this step's round draws from its own
+    seeded stream, so samples do not depend on batch composition or on the rank that draws them."""
     cfg = run.cfg
+    seeds = [hash((cfg.seed, run.step, round_, j)) & 0x7FFFFFFF for j in range(len(picked))]
     rows = [r for _, r in picked]
     prompts = [render_prompt(r["prompt"], run.tokenizer, i) for i, r in picked]
     run.policy.eval()
@@ -122,38 +128,77 @@ def sample(run: Run, picked: list) -> RolloutBatch:
         batch = rollout(run.policy, run.tokenizer, prompts, rows, group_size=cfg.group_size,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
-                        max_prompt_len=cfg.max_prompt_len, device=run.device)
+                        max_prompt_len=cfg.max_prompt_len, device=run.device, seeds=seeds)
     run.policy.train()
     return batch
 
 
 def score(run: Run, batch: RolloutBatch) -> dict:
-    """batch.rewards [N] (NaN where a reward source failed) and batch.valid [N]; DAPO's overlong
-    shaping is added to the sequence reward."""
+    """batch.rewards [N] (NaN where a reward source failed) and batch.valid [N]; process reward
+    sources fill batch.step_rewards / step_ends; DAPO's overlong shaping is added to the reward."""
     from ..rewards.combine import compute_rewards
+    from ..rewards.process import is_process_reward
 
     columns = {k: [r.get(k) for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
-    res = compute_rewards(run.reward_sources, run.reward_weights, batch.prompts, batch.completions, columns,
-                          max_workers=run.cfg.reward_workers, on_error=run.cfg.reward_errors)
-    if res.failures:
-        import warnings
+    pairs = list(zip(run.reward_sources, run.reward_weights))
+    outcome = [(s, w) for s, w in pairs if not is_process_reward(s[1])]
+    process = [(s, w) for s, w in pairs if is_process_reward(s[1])]
+    device = batch.mask.device
+    metrics = {}
+    if process:
+        mean_step = process_rewards(batch, process, columns)
+        rewards, valid = mean_step, ~torch.isnan(mean_step)
+    if outcome:
+        res = compute_rewards([s for s, _ in outcome], [w for _, w in outcome], batch.prompts, batch.completions,
+                              columns, max_workers=run.cfg.reward_workers, on_error=run.cfg.reward_errors)
+        if res.failures:
+            import warnings
 
-        warnings.warn(f"{len(res.failures)} reward failures this step (those samples get no gradient); "
-                      f"first: {res.failures[0]}", stacklevel=2)
-    rewards = torch.tensor(res.rewards, dtype=torch.float32, device=batch.mask.device)   # [N]
-    batch.valid = torch.tensor(res.valid, dtype=torch.bool, device=rewards.device)
+            warnings.warn(f"{len(res.failures)} reward failures this step (those samples get no gradient); "
+                          f"first: {res.failures[0]}", stacklevel=2)
+        rewards = torch.tensor(res.rewards, dtype=torch.float32, device=device)            # [N]
+        valid = torch.tensor(res.valid, dtype=torch.bool, device=device) & (valid if process else True)
+        metrics = res.metrics
     lengths = batch.mask.sum(-1)
     if run.algo.overlong_buffer:
         rewards = rewards + A.overlong_penalty(lengths, run.cfg.max_new_tokens, run.algo.overlong_buffer,
                                                run.algo.overlong_penalty)
-    batch.rewards = rewards
-    r = rewards[batch.valid]
-    return {"_n": 1, "reward/mean": float(r.mean()) if r.numel() else float("nan"),
+    batch.rewards, batch.valid = rewards, valid
+    r = rewards[valid]
+    return {"_n": 1, **metrics,
+            "reward/mean": float(r.mean()) if r.numel() else float("nan"),
             "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
-            "reward/invalid": int((~batch.valid).sum()),
+            "reward/invalid": int((~valid).sum()),
             "completion/mean_length": float(lengths.mean()),
-            "completion/truncated_frac": float(batch.truncated.float().mean()),
-            **res.metrics}
+            "completion/truncated_frac": float(batch.truncated.float().mean())}
+
+
+def process_rewards(batch: RolloutBatch, process: list, columns: dict) -> torch.Tensor:
+    """Call the (single) process reward source; fill batch.step_rewards [N, S] (NaN-padded) and
+    batch.step_ends [N, S] (-1-padded). Returns each sample's mean step reward (NaN if none)."""
+    from ..rewards.errors import RewardError
+
+    if len(process) > 1:
+        raise RewardError(f"only one process reward source may be used, got {[s[0] for s, _ in process]}.")
+    (name, fn), weight = process[0]
+    ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]
+    out = fn(batch.prompts, batch.completions, completion_ids=ids, **columns)
+    if not isinstance(out, list) or len(out) != len(batch):
+        raise RewardError(f"process reward '{name}' returned {type(out).__name__} of length "
+                          f"{len(out) if hasattr(out, '__len__') else '?'}; expected a list of {len(batch)}.")
+    S = max([len(o["rewards"]) for o in out if o] or [1])
+    sr = torch.full((len(batch), S), float("nan"))
+    se = torch.full((len(batch), S), -1, dtype=torch.long)
+    for i, o in enumerate(out):
+        if o:
+            if len(o["rewards"]) != len(o["ends"]):
+                raise RewardError(f"process reward '{name}' sample {i}: {len(o['rewards'])} rewards but "
+                                  f"{len(o['ends'])} step ends.")
+            k = len(o["rewards"])
+            sr[i, :k] = torch.tensor(o["rewards"], dtype=torch.float32) * weight
+            se[i, :k] = torch.tensor(o["ends"], dtype=torch.long)
+    batch.step_rewards, batch.step_ends = sr.to(batch.mask.device), se.to(batch.mask.device)
+    return torch.nanmean(sr, dim=1).to(batch.mask.device)
 
 
 def merge_sums(a: dict, b: dict) -> dict:
@@ -400,6 +445,25 @@ def save_final(run: Run):
     model = run.policy.merge_and_unload() if run.cfg.lora_r else run.policy
     model.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
+
+
+def write_summary(run: Run, metrics: dict, wall_s: float):
+    """summary.json: final metrics, wall time, peak RSS and the bytes each trained model holds."""
+    import resource
+
+    from ..models.value import param_bytes
+
+    state = {"policy": param_bytes(run.policy, run.optimizer)}
+    if run.critic is not None:
+        state["critic"] = param_bytes(run.critic, run.critic_optimizer)
+    if run.ref is not None:
+        state["reference"] = param_bytes(run.ref)
+    summary = {**metrics, "wall_s": wall_s, "steps": run.step,
+               "samples_per_step": run.cfg.prompts_per_step * run.cfg.group_size,
+               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "model_state_mib": {k: v["total"] / 2**20 for k, v in state.items()},
+               "model_state_bytes": state}
+    (Path(run.cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
 
 
 def evaluate_policy(run: Run) -> dict:
