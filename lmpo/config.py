@@ -157,6 +157,9 @@ class SFTConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm")
     seed: int = opt(0, "random seed")
+    eval_steps: int = opt(0, "every N steps, greedy exact match of the completion column on eval_rows validation rows (0 = never)")
+    eval_rows: int = opt(200, "validation rows held out from the training rows for eval_steps")
+    stop_at_accuracy: float | None = opt(None, "stop early once validation accuracy reaches this (needs eval_steps)")
     output_dir: str = opt("runs/sft", "where the model and tokenizer are saved")
     device: str = opt("auto", "cpu, cuda, or auto")
     threads: int | None = opt(None, "torch CPU threads")
@@ -223,24 +226,49 @@ def _check_choice(value, key, choices):
     return value
 
 
-def _unknown(key: str, known) -> ConfigError:
-    near = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
-    hint = f" Did you mean '{'.'.join(key.split('.')[:-1] + [near[0]])}'?" if near else ""
-    return ConfigError(f"unknown config key '{key}'.{hint} Run `lmpo train --help` for the keys.")
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls`` (sections expanded)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _all_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}")
+    return out
 
 
-def _apply(obj, data: dict, prefix: str = ""):
+def _unknown(key: str, known, root=None) -> ConfigError:
+    """An unknown key, with the nearest known key in the same section, or the same name in
+    another section (``eps_high`` -> ``algo.eps_high``)."""
+    parts = key.split(".")
+    near = difflib.get_close_matches(parts[-1], list(known), n=1)
+    guess = ".".join(parts[:-1] + [near[0]]) if near else None
+    if guess is None and root is not None:
+        every = _all_keys(root)
+        same_leaf = [k for k in every if k.split(".")[-1] == parts[-1]]
+        close = same_leaf or difflib.get_close_matches(key, every, n=1, cutoff=0.75)
+        guess = close[0] if close else None
+    hint = f" Did you mean '{guess}'?" if guess else ""
+    cmd = {"SFTConfig": "sft", "RMConfig": "rm"}.get(getattr(root, "__name__", ""), "train")
+    return ConfigError(f"unknown config key '{key}'.{hint} Run `lmpo {cmd} --help` for the keys.")
+
+
+def _apply(obj, data: dict, prefix: str = "", root=None):
+    root = root or type(obj)
     fields = _fields(type(obj))
     hints = typing.get_type_hints(type(obj))
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<top level>'}' must be a mapping of keys to values.")
     for key, value in data.items():
         full = f"{prefix}{key}"
-        if key not in fields:
-            raise _unknown(full, fields)
+        if not isinstance(key, str) or key not in fields:
+            raise _unknown(str(full), fields, root)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; give it a mapping of its keys.")
-            _apply(getattr(obj, key), value, prefix=f"{full}.")
+            _apply(getattr(obj, key), value, prefix=f"{full}.", root=root)
         else:
             setattr(obj, key, _coerce(value, tp, full, fields[key].metadata.get("choices")))
 
@@ -283,26 +311,45 @@ def load_config(path=None, overrides=(), cls=Config, base: dict | None = None):
 
 
 def validate(cfg):
+    """Range and consistency checks; each error names the key and the allowed range."""
     def positive(key, value, strict=True):
         if value is not None and (value <= 0 if strict else value < 0):
             raise ConfigError(f"config key '{key}' must be {'> 0' if strict else '>= 0'}, got {value}.")
 
     if isinstance(cfg, Config):
-        for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate", "temperature"):
+        for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate",
+                    "temperature", "save_steps", "eval_samples", "reward_workers", "micro_batch_size", "threads",
+                    "max_prompt_len", "max_grad_norm"):
             positive(key, getattr(cfg, key))
-        positive("max_steps", cfg.max_steps, strict=False)
-        positive("beta", cfg.beta, strict=False)
+        for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r"):
+            positive(key, getattr(cfg, key), strict=False)
         if not 0 < cfg.top_p <= 1:
             raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
-        positive("top_k", cfg.top_k, strict=False)
+        for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):
+            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty"))
+        positive("algo.overlong_buffer", cfg.algo.overlong_buffer, strict=False)
+        if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
+            raise ConfigError(f"config key 'algo.dual_clip' must be > 1, got {cfg.algo.dual_clip}.")
         n = cfg.prompts_per_step * cfg.group_size
         if n % cfg.minibatches:
             raise ConfigError(f"config key 'minibatches' ({cfg.minibatches}) must divide prompts_per_step x group_size ({n}).")
+        if not cfg.reward_funcs and cfg.reward_model is None and cfg.reward_url is None:
+            raise ConfigError("config key 'reward_funcs' is empty and there is no reward_model or reward_url: "
+                              "give at least one reward source.")
         if cfg.reward_weights is not None:
             n_src = len(cfg.reward_funcs) + (cfg.reward_model is not None) + (cfg.reward_url is not None)
             if len(cfg.reward_weights) != n_src:
                 raise ConfigError(f"config key 'reward_weights' has {len(cfg.reward_weights)} weights for {n_src} reward sources "
                                   "(reward_funcs, then reward_model, then reward_url).")
+            for w in cfg.reward_weights:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w:
+                    raise ConfigError(f"config key 'reward_weights' must be a list of numbers, got {w!r} in "
+                                      f"{cfg.reward_weights!r}.")
+    if isinstance(cfg, SFTConfig):
+        for key in ("max_steps", "batch_size", "learning_rate", "threads", "max_grad_norm"):
+            positive(key, getattr(cfg, key), strict=key != "max_steps")
+        for key in ("warmup_steps", "weight_decay"):
+            positive(key, getattr(cfg, key), strict=False)
     return cfg
 
 
