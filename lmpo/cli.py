@@ -35,11 +35,21 @@ def _user_errors():
     return tuple(errs)
 
 
-def _split(argv):
-    """(config path or None, overrides, flags) from ``[CONFIG.yaml] [key=value ...] [--flag ...]``."""
+def _split(argv, allowed_flags=()):
+    """(config path or None, overrides, flags) from ``[CONFIG.yaml] [key=value ...] [--flag ...]``;
+    a flag not in ``allowed_flags`` is an error (a mistyped ``--resume`` must not start from scratch)."""
     path, overrides, flags = None, [], []
     for a in argv:
-        if a.startswith("--"):
+        if a.startswith("-") and "=" not in a:
+            if a not in allowed_flags:
+                import difflib
+
+                from .config import ConfigError
+
+                near = difflib.get_close_matches(a, list(allowed_flags), n=1)
+                hint = f" Did you mean '{near[0]}'?" if near else ""
+                known = ", ".join(allowed_flags) or "none besides --help"
+                raise ConfigError(f"unknown option '{a}'.{hint} Options: {known}; settings are key=value.")
             flags.append(a)
         elif "=" in a:
             overrides.append(a)
@@ -58,7 +68,7 @@ def cmd_train(argv):
     if "-h" in argv or "--help" in argv:
         print("usage: lmpo train [CONFIG.yaml] [key=value ...] [--resume]\n\nkeys:\n" + help_text(Config))
         return 0
-    path, overrides, flags = _split(argv)
+    path, overrides, flags = _split(argv, ("--resume",))
     cfg = load_config(path, overrides)
     if cfg.distributed.strategy != "none" and "LOCAL_RANK" not in os.environ and cfg.distributed.nproc > 1:
         from .train.distributed import launch

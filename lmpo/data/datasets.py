@@ -32,15 +32,48 @@ def load_rows(source, *, required=("prompt",), split: str = "train", what: str =
         rows = _read(path, split, what)
     if not rows:
         raise DatasetError(f"{what} '{name}' is empty: it has no rows to train on.")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DatasetError(f"{what} '{name}' row {i} is a {type(r).__name__} ({str(r)[:60]!r}), not an object "
+                               "with named columns such as {\"prompt\": ...}.")
     for col in required:
-        missing = [i for i, r in enumerate(rows) if col not in r or r[col] is None]
-        if missing:
-            have = sorted(rows[missing[0]].keys())
+        absent = [i for i, r in enumerate(rows) if col not in r]
+        empty = [i for i, r in enumerate(rows) if col in r and r[col] is None]
+        if absent:
+            have = sorted(rows[absent[0]].keys())
             raise DatasetError(
-                f"{what} '{name}' row {missing[0]} has no '{col}' column"
-                + (f" ({len(missing)} rows in all)" if len(missing) > 1 else "")
+                f"{what} '{name}' row {absent[0]} has no '{col}' column"
+                + (f" ({len(absent)} rows in all)" if len(absent) > 1 else "")
                 + f"; its columns are {have}. Rename the column or point to another file.")
+        if empty:
+            raise DatasetError(
+                f"{what} '{name}' row {empty[0]} has an empty '{col}'"
+                + (f" ({len(empty)} rows in all)" if len(empty) > 1 else "") + "; fill it in or drop the row.")
+    if "prompt" in required:
+        for i, r in enumerate(rows):
+            if not _is_prompt(r["prompt"]):
+                raise DatasetError(f"{what} '{name}' row {i}: 'prompt' must be a string or a list of chat messages "
+                                   f"({{'role': ..., 'content': ...}}), got {type(r['prompt']).__name__} "
+                                   f"{str(r['prompt'])[:60]!r}.")
     return rows
+
+
+def _is_prompt(p) -> bool:
+    if isinstance(p, str):
+        return True
+    return (isinstance(p, list) and len(p) > 0
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in p))
+
+
+def check_prompt_lengths(prompts: list, tokenizer, max_len: int, *, name: str = "dataset", what: str = "dataset"):
+    """A ``DatasetError`` naming the first row whose rendered prompt is longer than ``max_len``
+    tokens (the model's context minus max_new_tokens). ``prompts``: rendered prompt strings."""
+    for i, p in enumerate(prompts):
+        n = len(tokenizer(p, add_special_tokens=True)["input_ids"])
+        if n > max_len:
+            raise DatasetError(f"{what} '{name}' row {i}: the prompt is {n} tokens, longer than the {max_len} tokens "
+                               f"the model's context leaves after max_new_tokens ({p[:60]!r}...). Shorten it, drop "
+                               "the row, or lower max_new_tokens.")
 
 
 def _read(path: Path, split: str, what: str) -> list[dict]:
@@ -67,12 +100,25 @@ def _read(path: Path, split: str, what: str) -> list[dict]:
             return rows
         if suffix == ".json":
             data = json.loads(path.read_text())
-            return data if isinstance(data, list) else data.get(split, data.get("data", []))
-        if suffix in (".parquet", ".csv"):
-            import datasets
+            if isinstance(data, dict):
+                data = data.get(split, data.get("data", data))
+            if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+                keys = list(data)                                   # column-oriented {"prompt": [...], ...}
+                data = [dict(zip(keys, vals)) for vals in zip(*data.values())]
+            if not isinstance(data, list):
+                raise DatasetError(f"{what} '{path}' must hold a list of rows (or {{'{split}': [rows]}}), "
+                                   f"got a {type(data).__name__}.")
+            return data
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-            kind = "parquet" if suffix == ".parquet" else "csv"
-            return datasets.load_dataset(kind, data_files=str(path), split="train").to_list()
+            return pq.read_table(str(path)).to_pylist()
+        if suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            if not path.read_text().strip():
+                return []
+            return pcsv.read_csv(str(path)).to_pylist()
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 - reported with the file name
