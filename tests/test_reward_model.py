@@ -189,6 +189,10 @@ def test_main_reports_errors_as_one_paragraph(capsys, tmp_path):
     assert "max_stepz" in err and "max_steps" in err and err.count("\n") == 1
     assert main([f"dataset={tmp_path / 'none.jsonl'}"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    train = _jsonl(tmp_path / "p.jsonl", _echo_pairs(20, 0))
+    assert main([f"model={tmp_path / 'empty'}", f"dataset={train}", "progress=false"]) == 2
+    assert "could not be loaded as a reward model" in capsys.readouterr().err
     assert main(["eval_fraction=1.5"]) == 2
     assert "eval_fraction" in capsys.readouterr().err
     assert main(["--help"]) == 0

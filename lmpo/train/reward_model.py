@@ -1,8 +1,9 @@
 """``lmpo rm``: train a reward model on preference pairs with the Bradley–Terry loss.
 
 The model is an ``AutoModelForSequenceClassification`` with one output, started from a causal-LM
-directory (a new scalar head), a reward-model directory (continued), or, by default, a freshly
-built embedded tiny model. It scores the text ``prompt + response`` at its last real token. The
+directory (a new scalar head), a reward-model directory (continued), or, by default, the
+embedded tiny model after its SFT warm start (as in InstructGPT, the reward model starts from the
+SFT policy: a random tiny model barely learns to check sums from pairwise labels alone). It scores the text ``prompt + response`` at its last real token. The
 result is saved with ``save_pretrained``, so ``AutoModelForSequenceClassification.from_pretrained``
 loads it and ``lmpo train reward_model=DIR`` uses it as a reward source.
 """
@@ -31,7 +32,7 @@ from lmpo.models.value import load_scalar_model, sequence_scores
 class RMConfig:
     """``lmpo rm``: a reward model from (prompt, chosen, rejected[, margin]) pairs."""
 
-    model: str | None = opt(None, "causal-LM directory (a new scalar head, e.g. an `lmpo sft` output) or reward-model directory (continued); default: a freshly built embedded tiny model")
+    model: str | None = opt(None, "causal-LM directory (a new scalar head, e.g. an `lmpo sft` output), reward-model directory (continued), or 'tiny' (a fresh random tiny model); default: the embedded tiny model after its SFT warm start (built once and cached, as for `lmpo train`)")
     tokenizer: str | None = opt(None, "tokenizer directory (default: the model's)")
     dataset: str = opt("addition", "jsonl/json/parquet/csv/saved HF dataset with prompt, chosen, rejected (and optional margin) columns, or 'addition'")
     eval_dataset: str | None = opt(None, "held-out pairs (default: 'addition' uses pairs on its held-out prompts; other datasets split off eval_fraction)")
@@ -39,7 +40,7 @@ class RMConfig:
     eval_pairs: int = opt(400, "held-out pairs evaluated (at most)")
     max_steps: int = opt(600, "optimizer steps")
     batch_size: int = opt(64, "preference pairs per step")
-    learning_rate: float = opt(1e-3, "AdamW learning rate (cosine decay after warmup)")
+    learning_rate: float = opt(3e-4, "AdamW learning rate (cosine decay after warmup); for a pretrained model of 0.5B+ parameters use ~1e-5")
     warmup_steps: int = opt(30, "linear warmup steps")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm (None = off)")
@@ -213,10 +214,17 @@ def _check(cfg: RMConfig):
         raise ConfigError(f"config key 'max_length' must be >= 2, got {cfg.max_length}.")
 
 
+TINY = "tiny"
+
+
 def _load_model(cfg: RMConfig):
+    """(model, tokenizer) as ``cfg.model`` says: a directory, ``tiny`` (fresh random weights), or
+    None (the embedded tiny model after its SFT warm start, built once and cached)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if cfg.model is None:
+    from lmpo.models.load import ModelError, embedded_model
+
+    if cfg.model == TINY:
         from lmpo.models.tiny import build_model, build_tokenizer
 
         tokenizer = build_tokenizer() if cfg.tokenizer is None else AutoTokenizer.from_pretrained(cfg.tokenizer)
@@ -224,15 +232,18 @@ def _load_model(cfg: RMConfig):
         config.num_labels = 1
         config.architectures = None
         torch.manual_seed(cfg.seed)
-        model = AutoModelForSequenceClassification.from_config(config)
-        return model, tokenizer
-    if not Path(cfg.model).exists():
-        raise ConfigError(f"config key 'model' is '{cfg.model}', which does not exist: give a causal-LM or "
-                          "reward-model directory saved with save_pretrained, or leave it unset for the embedded tiny model.")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return load_scalar_model(cfg.model, tokenizer), tokenizer
+        return AutoModelForSequenceClassification.from_config(config), tokenizer
+    path = cfg.model or str(embedded_model(progress=cfg.progress))
+    if not Path(path).exists():
+        raise ConfigError(f"config key 'model' is '{path}', which does not exist: give a causal-LM or reward-model "
+                          f"directory saved with save_pretrained, '{TINY}', or leave it unset for the embedded model.")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return load_scalar_model(path, tokenizer), tokenizer
+    except Exception as e:  # noqa: BLE001 - reported with the directory's name
+        raise ModelError(f"model '{path}' could not be loaded as a reward model: {type(e).__name__}: {e}") from None
 
 
 def _datasets(cfg: RMConfig) -> tuple[list[dict], list[dict]]:
@@ -347,13 +358,15 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print("usage: lmpo rm [CONFIG.yaml] [key=value ...]\n\n" + (RMConfig.__doc__ or "") + "\n\n" + help_text(RMConfig))
         return 0
+    from lmpo.models.load import ModelError
+
     path = None
     if argv and "=" not in argv[0]:
         path, argv = argv[0], argv[1:]
     try:
         cfg = load_config(path, argv, cls=RMConfig)
         metrics = train_reward_model(cfg)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, ModelError) as e:
         print(f"lmpo rm: {e}", file=sys.stderr)
         return 2
     acc = metrics.get("eval/accuracy")
