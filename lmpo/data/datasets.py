@@ -118,7 +118,8 @@ def _read(path: Path, split: str, what: str) -> list[dict]:
 
             if not path.read_text().strip():
                 return []
-            return pcsv.read_csv(str(path)).to_pylist()
+            # an empty cell is a missing value (None), not an empty prompt
+            return pcsv.read_csv(str(path), convert_options=pcsv.ConvertOptions(strings_can_be_null=True)).to_pylist()
     except DatasetError:
         raise
     except Exception as e:  # noqa: BLE001 - reported with the file name
