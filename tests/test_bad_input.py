@@ -79,7 +79,7 @@ def test_prompt_longer_than_the_context(lmpo_train, tmp_path):
     rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "1+" * 40 + "1=", "answer": "41"}]
     write_jsonl(tmp_path / "long.jsonl", rows)
     code, err = lmpo_train(dataset=tmp_path / "long.jsonl", prompts_per_step=2)
-    _one_paragraph(code, err, "long.jsonl", "row 1", "82 tokens")
+    _one_paragraph(code, err, "long.jsonl", "row 1", "83 tokens")  # 82 characters + <bos>
 
 
 def test_missing_model(lmpo_train, tmp_path):

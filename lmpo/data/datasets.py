@@ -68,8 +68,8 @@ def _is_prompt(p) -> bool:
 def check_prompt_lengths(prompts: list, tokenizer, max_len: int, *, name: str = "dataset", what: str = "dataset"):
     """A ``DatasetError`` naming the first row whose rendered prompt is longer than ``max_len``
     tokens (the model's context minus max_new_tokens). ``prompts``: rendered prompt strings."""
-    for i, p in enumerate(prompts):
-        n = len(tokenizer(p, add_special_tokens=True)["input_ids"])
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=True)["input_ids"]] if prompts else []
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
         if n > max_len:
             raise DatasetError(f"{what} '{name}' row {i}: the prompt is {n} tokens, longer than the {max_len} tokens "
                                f"the model's context leaves after max_new_tokens ({p[:60]!r}...). Shorten it, drop "

@@ -138,7 +138,9 @@ def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_siz
     if max_prompt_len is not None and ids.shape[1] > max_prompt_len:
         lengths = pmask.sum(-1)
         bad = int((lengths > max_prompt_len).nonzero()[0, 0])
-        raise ValueError(f"prompt {bad} is {int(lengths[bad])} tokens, longer than max_prompt_len={max_prompt_len} "
+        from ..data import DatasetError
+
+        raise DatasetError(f"prompt {bad} of this batch is {int(lengths[bad])} tokens, longer than max_prompt_len={max_prompt_len} "
                          f"(the model's context minus max_new_tokens): {prompts[bad][:80]!r}")
     out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

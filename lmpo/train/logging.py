@@ -37,13 +37,17 @@ class MetricsLogger:
                 if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
         self.bar.update(1)
-        self.bar.set_postfix({"reward": f"{row.get('reward/mean', float('nan')):.3f}",
-                              "kl": f"{row.get('kl', 0.0):.4f}"}, refresh=False)
+        self.bar.set_postfix({k: _fmt(row.get(key)) for k, key in (("reward", "reward/mean"), ("kl", "kl"))},
+                             refresh=False)
 
     def close(self):
         self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "nan"
 
 
 def _plain(v):

@@ -128,7 +128,7 @@ def sample(run: Run, picked: list, round_: int = 0) -> RolloutBatch:
         batch = rollout(run.policy, run.tokenizer, prompts, rows, group_size=cfg.group_size,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
-                        max_prompt_len=cfg.max_prompt_len, device=run.device, seeds=seeds)
+                        max_prompt_len=run.max_prompt_len, device=run.device, seeds=seeds)
     run.policy.train()
     return batch
 

@@ -14,9 +14,10 @@ import torch
 
 from ..algorithms import PRESET_KEYS, resolve_preset
 from ..config import Config, ConfigError, to_dict
-from ..data import addition_heldout, load_rows
+from ..data import addition_heldout, load_rows, render_prompt
+from ..data.datasets import check_prompt_lengths
 from ..data.tasks import ADDITION
-from ..models.load import context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
+from ..models.load import ModelError, _looks_like_hub_id, context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
 from .checkpoint import find_checkpoint, load_state, save_checkpoint, set_rng_state
 
 
@@ -88,6 +89,7 @@ class Run:
     eval_rows: list | None
     model_dir: str
     beta: float
+    max_prompt_len: int | None = None
     step: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -125,6 +127,16 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     random.seed(cfg.seed)
     device = resolve_device(cfg.device)
     algo = resolve_algorithm(cfg)
+    rows = load_rows(cfg.dataset, required=("prompt",))            # bad data and reward specs fail before
+    sources, weights = reward_sources(cfg)                          # any model is built or loaded
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
+    elif cfg.dataset == ADDITION:
+        eval_rows = addition_heldout(cfg.eval_samples)
+    if cfg.model and not Path(cfg.model).exists() and not _looks_like_hub_id(cfg.model):
+        raise ModelError(f"model '{cfg.model}' does not exist: give a local HF model directory (config.json + "
+                         "weights) or leave 'model' unset for the embedded tiny model.")
     model_dir = str(cfg.model) if cfg.model else str(embedded_model(progress=cfg.progress))
     ckpt = find_checkpoint(cfg.output_dir) if resume else None
     if resume and ckpt is None:
@@ -162,23 +174,18 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         params += list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
-    rows = load_rows(cfg.dataset, required=("prompt",))
-    eval_rows = None
-    if cfg.eval_dataset:
-        eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
-    elif cfg.dataset == ADDITION:
-        eval_rows = addition_heldout(cfg.eval_samples)
     ctx = context_length(policy)
-    if cfg.max_prompt_len is None and ctx:
-        cfg.max_prompt_len = ctx - cfg.max_new_tokens
-        if cfg.max_prompt_len <= 0:
+    max_prompt_len = cfg.max_prompt_len or (ctx - cfg.max_new_tokens if ctx else None)
+    if max_prompt_len is not None:
+        if max_prompt_len <= 0:
             raise ConfigError(f"config key 'max_new_tokens' ({cfg.max_new_tokens}) leaves no room for a prompt in the "
                               f"model's context of {ctx} tokens.")
-    sources, weights = reward_sources(cfg)
+        check_prompt_lengths([render_prompt(r["prompt"], tokenizer, i) for i, r in enumerate(rows)], tokenizer,
+                             max_prompt_len, name=str(cfg.dataset))
     run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
               value_head=value_head, optimizer=optimizer, scheduler=scheduler, critic_optimizer=critic_opt,
               prompts=PromptStream(rows, cfg.seed), reward_sources=sources, reward_weights=weights,
-              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta)
+              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta, max_prompt_len=max_prompt_len)
     if ckpt:
         _restore(run, ckpt)
     return run

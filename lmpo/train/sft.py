@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import SFTConfig
-from ..data import load_rows, render_prompt
+from ..data import DatasetError, load_rows, render_prompt
 from ..models.load import load_causal_lm, load_tokenizer, resolve_device
 
 
@@ -40,6 +40,18 @@ def completion_nll(model, ids, attn, labels):
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                              ignore_index=-100)
+
+
+def validation_accuracy(model, tokenizer, rows: list[dict]) -> float:
+    """Greedy exact match of the generated completion against the ``completion`` column."""
+    from .evaluate import evaluate
+
+    n_new = max(len(tokenizer(str(r["completion"]), add_special_tokens=False)["input_ids"]) for r in rows) + 1
+
+    def exact(prompts, completions, completion, **_):
+        return [float(c.strip() == str(g).strip()) for c, g in zip(completions, completion)]
+
+    return evaluate(model, tokenizer, rows, exact, max_new_tokens=n_new)["accuracy"]
 
 
 def lr_lambda(warmup: int, total: int):
@@ -68,17 +80,25 @@ def train_sft(cfg: SFTConfig) -> dict:
         model = load_causal_lm(cfg.model, device)
     rows = load_rows(cfg.dataset, required=("prompt", "completion"), what="SFT dataset")
     rng = random.Random(cfg.seed)
+    val = []
+    if cfg.eval_steps:
+        if len(rows) <= cfg.eval_rows:
+            raise DatasetError(f"SFT dataset '{cfg.dataset}' has {len(rows)} rows, too few to hold out eval_rows={cfg.eval_rows}.")
+        rows = rows[:]
+        rng.shuffle(rows)
+        val, rows = rows[: cfg.eval_rows], rows[cfg.eval_rows:]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps, cfg.max_steps))
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     t0 = time.time()
-    losses = []
+    losses, history = [], []
     bar = tqdm(range(cfg.max_steps), desc="sft", disable=not cfg.progress, dynamic_ncols=True)
     for step in bar:
-        batch = [rows[rng.randrange(len(rows))] for _ in range(cfg.batch_size)]
-        prompts = [render_prompt(r["prompt"], tokenizer) for r in batch]
+        picked = [rng.randrange(len(rows)) for _ in range(cfg.batch_size)]
+        batch = [rows[i] for i in picked]
+        prompts = [render_prompt(rows[i]["prompt"], tokenizer, i) for i in picked]
         ids, attn, lab = (x.to(device) for x in encode_pairs(tokenizer, prompts, [str(r["completion"]) for r in batch]))
         loss = completion_nll(model, ids, attn, lab)
         opt.zero_grad(set_to_none=True)
@@ -89,9 +109,15 @@ def train_sft(cfg: SFTConfig) -> dict:
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if val and (step + 1) % cfg.eval_steps == 0:
+            acc = validation_accuracy(model, tokenizer, val)
+            history.append({"step": step + 1, "loss": losses[-1], "val_accuracy": acc})
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", val=f"{acc:.2f}")
+            if cfg.stop_at_accuracy is not None and acc >= cfg.stop_at_accuracy:
+                break
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    metrics = {"loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "steps": cfg.max_steps,
-               "seconds": round(time.time() - t0, 2)}
+    metrics = {"loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "steps": len(losses),
+               "seconds": round(time.time() - t0, 2), "history": history}
     (out / "sft_metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
