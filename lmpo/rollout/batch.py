@@ -75,10 +75,27 @@ class RolloutBatch:
             elif isinstance(vals[0], list) and f.name != "routing":
                 out[f.name] = [x for v in vals for x in v]
             elif f.name == "routing":
-                out[f.name] = [torch.cat(layer) for layer in zip(*vals)]
+                out[f.name] = _cat_routing(batches)
             else:
                 out[f.name] = vals[0]
         return RolloutBatch(**out)
+
+
+def _cat_routing(batches):
+    """Routing tables [n, P+T, k] per layer, aligned like the tokens: prompt columns left-padded and
+    completion columns right-padded with -1 (no token)."""
+    P = max(b.prompt_ids.shape[1] for b in batches)
+    T = max(b.completion_ids.shape[1] for b in batches)
+    layers = []
+    for tables in zip(*[b.routing for b in batches]):
+        padded = []
+        for b, tab in zip(batches, tables):
+            p, t = b.prompt_ids.shape[1], b.completion_ids.shape[1]
+            left = tab.new_full((tab.shape[0], P - p, tab.shape[2]), -1)
+            right = tab.new_full((tab.shape[0], T - t, tab.shape[2]), -1)
+            padded.append(torch.cat([left, tab[:, :p + t], right], 1))
+        layers.append(torch.cat(padded))
+    return layers
 
 
 _PAD = {"prompt_ids": None, "completion_ids": None, "step_ends": -1, "step_rewards": float("nan")}
@@ -93,14 +110,11 @@ def _cat_padded(vals, name):
         extra = width - v.shape[1]
         if extra:
             fill = _PAD.get(name, 0)
-            if name == "prompt_ids":  # left padding
-                pad = torch.full((v.shape[0], extra, *v.shape[2:]), int(v[0, 0]) if fill is None else fill, dtype=v.dtype)
-                pad.fill_(0)
-                v = torch.cat([pad, v], 1)
-            elif name == "prompt_mask":
-                v = torch.cat([torch.zeros((v.shape[0], extra, *v.shape[2:]), dtype=v.dtype), v], 1)
+            if name in ("prompt_ids", "prompt_mask"):  # prompts are left-padded (masked, so any id does)
+                v = torch.cat([torch.zeros((v.shape[0], extra, *v.shape[2:]), dtype=v.dtype, device=v.device), v], 1)
             else:
-                pad = torch.full((v.shape[0], extra, *v.shape[2:]), 0 if fill is None else fill, dtype=v.dtype)
+                pad = torch.full((v.shape[0], extra, *v.shape[2:]), 0 if fill is None else fill, dtype=v.dtype,
+                                 device=v.device)
                 v = torch.cat([v, pad], 1)
         out.append(v)
     return torch.cat(out)

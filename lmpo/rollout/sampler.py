@@ -56,7 +56,7 @@ def _forward(model, **kw):
 def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens: int, eos_token_id: int,
              pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              keep_support: bool = False, uniforms: torch.Tensor | None = None,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, routing=None):
     """Sample ``group_size`` completions for each of the B prompts.
 
     prompt_ids, prompt_mask: [B, P] left-padded. Returns a dict of tensors on the model's device:
@@ -64,7 +64,8 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
     ``truncated`` [N], and ``keep_mask`` [N, T, V] when ``keep_support``; N = B·G, T ≤ max_new_tokens.
     ``temperature == 0`` is greedy decoding (log-probs then come from the untempered distribution).
     ``uniforms`` [N, max_new_tokens] drive the sampling (see ``sample_tokens``); by default they are
-    drawn from ``generator``.
+    drawn from ``generator``. ``routing``: a ``lmpo.models.moe.RoutingRecorder`` active around this
+    call, told when rows are expanded (after the prefill) and when finished rows leave.
     """
     device = prompt_ids.device
     G = group_size
@@ -73,6 +74,8 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
     cache = out.past_key_values
     if G > 1:
         cache.batch_repeat_interleave(G)                                                 # one prefill per group
+        if routing is not None:
+            routing.expand(G)
     logits = out.logits[:, -1].float().repeat_interleave(G, 0)                           # [N, V]
     attn = prompt_mask.repeat_interleave(G, 0)                                           # [N, P]
     next_pos = pos[:, -1].repeat_interleave(G, 0) + 1                                    # [N]
@@ -107,6 +110,8 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
             if stay.numel() == 0:
                 break
             cache.batch_select_indices(stay)
+            if routing is not None:
+                routing.select(stay)
             alive, tok, attn, next_pos = alive[stay], tok[stay], attn[stay], next_pos[stay]
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         out = _forward(model, input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
@@ -129,9 +134,16 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
 
 def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_size: int, max_new_tokens: int,
             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, keep_support: bool = False,
-            max_prompt_len: int | None = None, device=None, generator=None, seeds: list[int] | None = None) -> RolloutBatch:
+            max_prompt_len: int | None = None, device=None, generator=None, seeds: list[int] | None = None,
+            keep_routing: bool = False) -> RolloutBatch:
     """Tokenize ``prompts`` (left-padded), sample G completions each, and decode them. With ``seeds``
-    (one per prompt) each group's samples depend on its seed only."""
+    (one per prompt) each group's samples depend on its seed only. With ``keep_routing`` on an MoE
+    model the experts chosen for every token are recorded (DeepSeek-V3.2 keep routing)."""
+    from contextlib import nullcontext
+
+    from ..models.moe import RoutingRecorder, is_moe
+
+    record = keep_routing and is_moe(model)
     device = device or next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
     ids, pmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -142,11 +154,12 @@ def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_siz
 
         raise DatasetError(f"prompt {bad} of this batch is {int(lengths[bad])} tokens, longer than max_prompt_len={max_prompt_len} "
                          f"(the model's context minus max_new_tokens): {prompts[bad][:80]!r}")
-    out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                   temperature=temperature, top_p=top_p, top_k=top_k, keep_support=keep_support,
-                   uniforms=None if seeds is None else group_uniforms(seeds, group_size, max_new_tokens, device),
-                   generator=generator)
+    with RoutingRecorder(model) if record else nullcontext() as rec:
+        out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       temperature=temperature, top_p=top_p, top_k=top_k, keep_support=keep_support,
+                       uniforms=None if seeds is None else group_uniforms(seeds, group_size, max_new_tokens, device),
+                       generator=generator, routing=rec)
     G = group_size
     completions = tokenizer.batch_decode(out["completion_ids"].masked_fill(out["mask"] == 0, tokenizer.pad_token_id),
                                          skip_special_tokens=True)
@@ -156,4 +169,5 @@ def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_siz
         truncated=out["truncated"], group_size=G,
         prompts=[p for p in prompts for _ in range(G)], completions=completions,
         rows=[r for r in rows for _ in range(G)], keep_mask=out.get("keep_mask"),
+        routing=rec.routing(width=ids.shape[1] + out["completion_ids"].shape[1]) if record else None,
     )

@@ -21,6 +21,18 @@ def sequence_inputs(batch):
 
 
 def model_forward(model, batch, T: int, hidden: bool = False, **extra):
+    """Logits [N, T, V] at the positions that predict the T completion tokens (and the last hidden
+    states there when ``hidden``). With ``batch.routing`` (keep routing) every MoE router is forced
+    to the experts recorded at sampling."""
+    if batch.routing is not None:
+        from ..models.moe import RoutingReplay
+
+        with RoutingReplay(model, batch.routing):
+            return _model_forward(model, batch, T, hidden, **extra)
+    return _model_forward(model, batch, T, hidden, **extra)
+
+
+def _model_forward(model, batch, T: int, hidden: bool = False, **extra):
     ids, attn, pos = sequence_inputs(batch)
     kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
     if hidden:

@@ -128,7 +128,8 @@ def sample(run: Run, picked: list, round_: int = 0) -> RolloutBatch:
         batch = rollout(run.policy, run.tokenizer, prompts, rows, group_size=cfg.group_size,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
-                        max_prompt_len=run.max_prompt_len, device=run.device, seeds=seeds)
+                        max_prompt_len=run.max_prompt_len, device=run.device, seeds=seeds,
+                        keep_routing=run.algo.keep_routing)
     run.policy.train()
     return batch
 
@@ -355,7 +356,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
     with torch.no_grad():
         ratio = torch.exp(logp - old)[real]
         stats.update({
-            "loss": float(loss),
+            "loss": loss.item(),
             "actor/clip_frac": float(A.clip_fraction(logp, old, mb.adv, mask, algo.eps_low, algo.eps_high, algo.ratio_level)),
             "actor/ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
             "actor/ratio_max": float(ratio.max()) if ratio.numel() else 1.0,
@@ -373,11 +374,11 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
         vl = A.aggregate_loss(A.value_loss(values, mb.values, mb.returns, mask, cfg.ppo.value_clip), mask,
                               mode="token-mean", global_tokens=totals["global_tokens"])
         loss = loss + cfg.ppo.vf_coef * vl
-        stats["critic/loss"] = float(vl)
+        stats["critic/loss"] = vl.item()
     if cfg.ppo.ptx_coef > 0:
         ptx = ptx_loss(run, len(mb) / float(totals["global_seqs"]))
         loss = loss + cfg.ppo.ptx_coef * ptx
-        stats["ptx/loss"] = float(ptx)
+        stats["ptx/loss"] = ptx.item()
     return loss, stats
 
 

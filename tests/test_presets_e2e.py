@@ -1,0 +1,134 @@
+"""One tiny-model step per preset and per DeepSeek-V3.2 correction, through the one loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import rl_config
+from lmpo.train.rl import train
+from lmpo.train.setup import setup
+
+
+def _weights(path):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(str(path)).state_dict().items()}
+
+
+def _changed(before, after_dir):
+    after = _weights(after_dir)
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "ppo"])
+def test_each_preset_takes_a_step(algorithm, sft_dir, tmp_path):
+    before = _weights(sft_dir)
+    cfg = rl_config(sft_dir, tmp_path / algorithm, algorithm=algorithm, max_steps=1, beta=0.05)
+    if algorithm == "dapo":
+        cfg.algo.overlong_buffer = 2
+    if algorithm == "ppo":
+        cfg.epochs, cfg.minibatches = 2, 2
+    m = train(cfg)
+    assert _changed(before, tmp_path / algorithm / "final")
+    rows = _metrics(tmp_path / algorithm)
+    assert rows[-1]["step"] == 1 and all(v is None or v == v for v in rows[-1].values() if isinstance(v, float))
+    if algorithm == "ppo":
+        assert "critic/loss" in rows[-1] and (tmp_path / "ppo" / "checkpoint" / "critic").exists()
+    if algorithm == "dapo":
+        assert "dynamic/extra_rounds" in rows[-1]
+    assert "reward/mean" in m
+
+
+def test_corrections_together(sft_dir, tmp_path):
+    """Unbiased KL, off-policy sequence masking, kept sampling support, truncated IS, several
+    minibatches (so π_θ moves away from π_old inside the step) and dual clip in one run."""
+    cfg = rl_config(sft_dir, tmp_path / "v32", max_steps=2, beta=0.1, top_k=5, top_p=0.9, minibatches=2, epochs=2,
+                    old_logp="sampler")
+    cfg.algo.unbiased_kl, cfg.algo.off_policy_delta, cfg.algo.keep_sampling_mask = True, 0.0, True
+    cfg.algo.tis_cap, cfg.algo.dual_clip = 2.0, 3.0
+    train(cfg)
+    rows = _metrics(tmp_path / "v32")
+    assert "off_policy/masked_frac" in rows[-1]
+    assert 0.0 <= rows[-1]["off_policy/masked_frac"] <= 1.0
+    assert rows[-1]["kl"] >= 0
+
+
+def test_keep_sampling_mask_makes_old_and_new_logp_agree(sft_dir, tmp_path):
+    """With top-k sampling the sampler's log-prob is over the kept support; with keep_sampling_mask
+    the trainer recomputes it over the same support, so the two agree (ratio 1 before any update)."""
+    from lmpo.train import rl
+
+    cfg = rl_config(sft_dir, tmp_path / "ksm", top_k=3, temperature=1.0)
+    cfg.algo.keep_sampling_mask = True
+    run = setup(cfg)
+    batch, _ = rl.collect(run, rl.Timer())
+    assert batch.keep_mask is not None and int(batch.keep_mask[batch.mask > 0].sum(-1).max()) <= 3
+    logp = rl.logp_of(run, run.policy, batch)
+    real = batch.mask > 0
+    assert torch.allclose(logp[real], batch.sampler_logp[real], atol=1e-5)
+    run.algo.keep_sampling_mask = False  # full-vocabulary log-probs differ from the kept-support ones
+    full = rl.logp_of(run, run.policy, batch)
+    assert (full[real] <= batch.sampler_logp[real] + 1e-6).all() and not torch.allclose(full[real], batch.sampler_logp[real])
+
+
+def test_process_supervision_step(sft_dir, tmp_path):
+    cfg = rl_config(sft_dir, tmp_path / "proc", reward_funcs=["addition_digit_steps"], beta=0.0)
+    cfg.algo.advantage = "process"
+    train(cfg)
+    rows = _metrics(tmp_path / "proc")
+    assert rows[-1]["reward/mean"] is not None
+
+
+def test_iterative_grpo_resets_the_reference(sft_dir, tmp_path):
+    cfg = rl_config(sft_dir, tmp_path / "it", max_steps=2, beta=0.1, learning_rate=5e-3)
+    cfg.iterative.ref_reset_steps = 1
+    run = setup(cfg)
+    from lmpo.train import rl
+
+    t = rl.Timer()
+    batch, _ = rl.collect(run, t)
+    rl.prepare(run, batch)
+    stats = rl.update(run, batch, t)
+    run.step = 1
+    metrics = dict(stats)
+    rl.iterative_reset(run, metrics)
+    assert metrics["iterative/reset"] == 1
+    for p, q in zip(run.policy.parameters(), run.ref.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_keep_routing_on_a_tiny_moe(tmp_path):
+    """A tiny Mixtral: the rollout records the experts; the training forward replays them."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from lmpo.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = MixtralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                        eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    tok.save_pretrained(tmp_path / "moe")
+    rc = rl_config(tmp_path / "moe", tmp_path / "out", max_steps=1, beta=0.0)
+    rc.algo.keep_routing = True
+    from lmpo.train import rl
+
+    run = setup(rc)
+    batch, _ = rl.collect(run, rl.Timer())
+    assert batch.routing is not None and len(batch.routing) == 2
+    n, width = len(batch), batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
+    assert batch.routing[0].shape[:2] == (n, width)
+    logp = rl.logp_of(run, run.policy, batch)           # replayed routing: same experts as sampling
+    real = batch.mask > 0
+    assert torch.allclose(logp[real], batch.sampler_logp[real], atol=1e-5)
+    rl.prepare(run, batch)
+    rl.update(run, batch, rl.Timer())
