@@ -128,6 +128,7 @@ class Config:
     output_dir: str = opt("runs/grpo", "where metrics, samples, checkpoints and the final model go")
     save_steps: int = opt(50, "checkpoint every N steps (and always at the end)")
     eval_steps: int = opt(0, "held-out evaluation every N steps (0 = only at the end)")
+    eval_reward_funcs: list | None = opt(None, "reward functions that score held-out evaluation (default: the outcome reward sources); e.g. [addition_exact] when training on process rewards")
     eval_samples: int = opt(200, "held-out rows used by evaluation")
     log_samples: int = opt(2, "sample completions written to samples.jsonl per step")
     tensorboard: bool = opt(False, "also log metrics to TensorBoard in output_dir/tb")

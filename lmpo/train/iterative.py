@@ -1,0 +1,55 @@
+"""Iterative GRPO (DeepSeekMath, Algorithm 1): every K steps the reference model becomes the current
+policy and, optionally, the reward model continues training on pairs drawn from the current
+policy's samples, replaying a fraction (10 %) of historical pairs so it does not forget.
+
+New pairs are labelled by the reward sources other than the reward model (verifiers): within a
+group, the best-scored completion is ``chosen`` and the worst ``rejected`` when their scores differ.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+def group_pairs(prompts: list[str], completions: list[str], labels: list, group_size: int) -> list[dict]:
+    """One (chosen, rejected) pair per group whose labels differ: best vs worst completion."""
+    pairs = []
+    for g in range(0, len(completions), group_size):
+        idx = [i for i in range(g, g + group_size) if labels[i] is not None and labels[i] == labels[i]]
+        if len(idx) < 2:
+            continue
+        best = max(idx, key=lambda i: labels[i])
+        worst = min(idx, key=lambda i: labels[i])
+        if labels[best] > labels[worst]:
+            pairs.append({"prompt": prompts[best], "chosen": completions[best], "rejected": completions[worst]})
+    return pairs
+
+
+def verifier_labels(per_func: dict, weights: dict) -> list:
+    """Σ w·r over the verifier functions (not the reward model) per sample; None where none scored."""
+    names = [n for n in per_func if n != "reward_model"]
+    n = len(next(iter(per_func.values()))) if per_func else 0
+    out = []
+    for i in range(n):
+        vals = [(weights[k], per_func[k][i]) for k in names if per_func[k][i] is not None and per_func[k][i] == per_func[k][i]]
+        out.append(sum(w * v for w, v in vals) if vals else None)
+    return out
+
+
+def retrain_reward_model(scorer, new_pairs: list[dict], history: list[dict], output_dir, replay_frac: float = 0.1,
+                         steps: int = 50, lr: float = 1e-5, seed: int = 0) -> dict:
+    """Continue training the reward model behind ``scorer`` on ``new_pairs`` with ``replay_frac`` of
+    each batch drawn from ``history``. The user's reward-model directory is never written: the model
+    is copied to ``output_dir/reward_model`` first and trained there; the scorer is reloaded."""
+    from .reward_model import continue_training
+
+    own = Path(output_dir) / "reward_model"
+    if Path(scorer.path).resolve() != own.resolve():
+        if own.exists():
+            shutil.rmtree(own)
+        shutil.copytree(scorer.path, own)
+        scorer.path = str(own)
+    stats = continue_training(str(own), new_pairs, history, replay_frac=replay_frac, steps=steps, lr=lr, seed=seed)
+    scorer.reload()
+    return stats
