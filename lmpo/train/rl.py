@@ -19,6 +19,7 @@ from .. import algorithms as A
 from ..config import Config, to_dict
 from ..data import render_prompt
 from ..rollout import RolloutBatch, rollout
+from . import distributed as D
 from .forward import completion_logp, sequence_inputs
 from .logging import MetricsLogger
 from .setup import Run, checkpoint, setup
@@ -38,9 +39,11 @@ def train(cfg: Config, resume: bool = False) -> dict:
     """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set)."""
     run = setup(cfg, resume=resume)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step, desc=cfg.algorithm)
+    if run.world.main:                                              # with several processes rank 0 writes
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
+                        desc=cfg.algorithm) if run.world.main else D.NullLog()
     metrics: dict = {}
     t_start = time.perf_counter()
     try:
@@ -53,6 +56,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             upd_stats = update(run, batch, t)                       # μ epochs × minibatches
             run.step += 1
             metrics = {**roll_stats, **prep_stats, **upd_stats, **step_times(t, time.perf_counter() - t0)}
+            metrics = D.reduce_metrics(run, metrics)                # over ranks (the same dict on every rank)
             iterative_reset(run, metrics)
             if cfg.eval_steps and run.step % cfg.eval_steps == 0 and run.eval_rows:
                 metrics.update(evaluate_policy(run))
@@ -61,14 +65,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 checkpoint(run)
     except BaseException:
         if run.step > 0:
-            checkpoint(run)  # a crash or Ctrl-C still leaves a resumable checkpoint
+            checkpoint(run, crashing=True)  # a crash or Ctrl-C still leaves a resumable checkpoint
         raise
     finally:
         log.close()
     save_final(run)
     if run.eval_rows:
         metrics.update(evaluate_policy(run))
-    write_summary(run, metrics, time.perf_counter() - t_start)
+    if run.world.main:
+        write_summary(run, metrics, time.perf_counter() - t_start)
+    D.finish(run)
     return metrics
 
 
@@ -119,12 +125,13 @@ def sample(run: Run, picked: list, round_: int = 0) -> RolloutBatch:
     """G completions for each picked (index, row); group j of this step's round draws from its own
     seeded stream, so samples do not depend on batch composition or on the rank that draws them."""
     cfg = run.cfg
-    seeds = [hash((cfg.seed, run.step, round_, j)) & 0x7FFFFFFF for j in range(len(picked))]
+    first, picked = D.shard(run, picked)   # this rank's contiguous groups, first's global index (one process: all, 0)
+    seeds = [hash((cfg.seed, run.step, round_, first + j)) & 0x7FFFFFFF for j in range(len(picked))]
     rows = [r for _, r in picked]
     prompts = [render_prompt(r["prompt"], run.tokenizer, i) for i, r in picked]
     run.policy.eval()
     ctx = torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
-    with ctx:
+    with ctx, D.unsharded(run):
         batch = rollout(run.policy, run.tokenizer, prompts, rows, group_size=cfg.group_size,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
@@ -230,17 +237,24 @@ def prepare(run: Run, batch: RolloutBatch) -> dict:
         behaviour = batch.old_logp if batch.old_logp is not None else batch.sampler_logp
         batch.token_rewards = A.kl_in_reward(rewards, behaviour, batch.ref_logp, batch.mask, run.beta)  # [N, T]
         stats["kl_reward"] = float(((behaviour - batch.ref_logp) * batch.mask).sum() / batch.mask.sum().clamp(min=1))
-    adv, batch.returns = A.ADVANTAGES[algo.advantage](
-        rewards=rewards, mask=batch.mask, group_size=cfg.group_size, token_rewards=batch.token_rewards,
-        values=batch.values, step_rewards=batch.step_rewards, step_ends=batch.step_ends,
-        gamma=algo.gamma, lam=algo.lam)                                       # [N, T]
-    batch.adv = A.whiten(adv, batch.mask) * batch.mask if algo.whiten_advantages else adv
+    batch.adv, batch.returns = D.global_rows(                                 # batch statistics over all ranks
+        run, lambda **rows: advantages(run, **rows), rewards=rewards, mask=batch.mask,
+        token_rewards=batch.token_rewards, values=batch.values, step_rewards=batch.step_rewards,
+        step_ends=batch.step_ends)                                             # [N, T]
     if algo.tis_cap is not None and batch.old_logp is not None:
         batch.is_weights = A.truncated_is_weights(batch.old_logp, batch.sampler_logp, batch.mask, algo.tis_cap)
     stats["adv/mean"] = float((batch.adv * batch.mask).sum() / batch.mask.sum().clamp(min=1))
     if batch.values is not None:
         stats["critic/value_mean"] = float((batch.values * batch.mask).sum() / batch.mask.sum().clamp(min=1))
     return stats
+
+
+def advantages(run: Run, *, mask, **rows) -> tuple:
+    """The estimator, then whitening over the batch's real tokens when the algorithm asks for it."""
+    algo = run.algo
+    adv, returns = A.ADVANTAGES[algo.advantage](mask=mask, group_size=run.cfg.group_size, gamma=algo.gamma,
+                                                lam=algo.lam, **rows)        # [N, T]
+    return (A.whiten(adv, mask) * mask if algo.whiten_advantages else adv), returns
 
 
 def group_fill(rewards, valid, group_size):
@@ -307,7 +321,8 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
         perm = torch.randperm(len(batch))
         for mb_idx in perm.chunk(cfg.minibatches):
             mb = batch.select(mb_idx)
-            totals = {"global_tokens": mb.mask.sum().clamp(min=1), "global_seqs": (mb.mask.sum(-1) > 0).sum().clamp(min=1)}
+            totals = D.all_sum(run, {"global_tokens": mb.mask.sum(), "global_seqs": (mb.mask.sum(-1) > 0).sum()})
+            totals = {k: v.clamp(min=1) for k, v in totals.items()}     # over all ranks' minibatches
             run.optimizer.zero_grad(set_to_none=True)
             if run.critic_optimizer is not None:
                 run.critic_optimizer.zero_grad(set_to_none=True)
@@ -318,6 +333,7 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * len(idx) / len(mb)
             with t("optimizer"):
+                D.sync_grads(run)           # sum over ranks: each rank's loss is its share of the global loss
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + clip_and_step(run)
             n_updates += 1
     out = {k: v / n_updates for k, v in sums.items()}
@@ -444,8 +460,10 @@ def samples(batch: RolloutBatch, k: int) -> list[dict]:
 def save_final(run: Run):
     out = Path(run.cfg.output_dir) / "final"
     model = run.policy.merge_and_unload() if run.cfg.lora_r else run.policy
-    model.save_pretrained(out)
-    run.tokenizer.save_pretrained(out)
+    model = D.saveable(run, model)                                  # fsdp: full weights gathered on rank 0
+    if run.world.main:
+        model.save_pretrained(out)
+        run.tokenizer.save_pretrained(out)
 
 
 def write_summary(run: Run, metrics: dict, wall_s: float):
@@ -471,10 +489,23 @@ def evaluate_policy(run: Run) -> dict:
     from ..rewards.combine import compute_rewards
     from .evaluate import evaluate
 
+    from ..rewards.combine import resolve_reward_funcs
+    from ..rewards.process import is_process_reward
+
+    if run.cfg.eval_reward_funcs:
+        sources = resolve_reward_funcs(list(run.cfg.eval_reward_funcs))
+        weights = [1.0] * len(sources)
+    else:
+        pairs = [(s, w) for s, w in zip(run.reward_sources, run.reward_weights) if not is_process_reward(s[1])]
+        sources, weights = [s for s, _ in pairs], [w for _, w in pairs]
+    if not sources:
+        return {}
+
     def reward_fn(prompts, completions, **columns):
-        return compute_rewards(run.reward_sources, run.reward_weights, prompts, completions, columns).rewards
+        return compute_rewards(sources, weights, prompts, completions, columns).rewards
 
     kw = dict(max_new_tokens=run.cfg.max_new_tokens, seed=run.cfg.seed)
-    greedy = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, **kw)
-    sampled = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, temperature=run.cfg.temperature, **kw)
+    with D.unsharded(run):                                          # every rank evaluates the same rows
+        greedy = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, **kw)
+        sampled = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, temperature=run.cfg.temperature, **kw)
     return {"eval/greedy_accuracy": greedy["accuracy"], "eval/sampled_accuracy": sampled["accuracy"]}

@@ -18,6 +18,7 @@ from ..data import addition_heldout, load_rows, render_prompt
 from ..data.datasets import check_prompt_lengths
 from ..data.tasks import ADDITION
 from ..models.load import ModelError, _looks_like_hub_id, context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
+from . import distributed as D
 from .checkpoint import find_checkpoint, load_state, save_checkpoint, set_rng_state
 
 
@@ -90,6 +91,7 @@ class Run:
     model_dir: str
     beta: float
     max_prompt_len: int | None = None
+    world: D.World = field(default_factory=D.World)
     step: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -125,6 +127,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    world = D.init(cfg)                                             # torchrun: join the process group
     device = resolve_device(cfg.device)
     algo = resolve_algorithm(cfg)
     rows = load_rows(cfg.dataset, required=("prompt",))            # bad data and reward specs fail before
@@ -149,11 +152,12 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         policy.config.use_cache = False
     if cfg.lora_r:
         policy = _add_lora(policy, cfg.lora_r)
+    policy = D.prepare_model(policy, world)                         # ddp: rank 0's weights; fsdp: sharded
     need_ref = cfg.beta > 0 and algo.kl_placement != "none"
     ref = None
     if need_ref and not cfg.lora_r:  # with LoRA the reference is the base with the adapter disabled
         ref_dir = str(ckpt / "ref") if ckpt and (ckpt / "ref").exists() else model_dir
-        ref = load_causal_lm(ref_dir, device, trainable=False)
+        ref = D.prepare_model(load_causal_lm(ref_dir, device, trainable=False), world, trainable=False)
     critic = value_head = critic_opt = None
     params = [p for p in policy.parameters() if p.requires_grad]
     if algo.critic == "separate":
@@ -165,12 +169,13 @@ def setup(cfg: Config, resume: bool = False) -> Run:
             critic = load_value_model(model_dir, tokenizer).to(device)
         else:
             critic = load_value_model(cfg.ppo.critic_init, tokenizer, from_reward_model=True).to(device)
+        critic = D.prepare_model(critic, world)
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.ppo.critic_learning_rate or cfg.learning_rate * 5,
                                        weight_decay=cfg.weight_decay)
     elif algo.critic == "shared":
         from ..models.value import ValueHead
 
-        value_head = ValueHead(policy.config.hidden_size).to(device)
+        value_head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)
         params += list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
@@ -185,7 +190,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
               value_head=value_head, optimizer=optimizer, scheduler=scheduler, critic_optimizer=critic_opt,
               prompts=PromptStream(rows, cfg.seed), reward_sources=sources, reward_weights=weights,
-              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta, max_prompt_len=max_prompt_len)
+              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta, max_prompt_len=max_prompt_len, world=world)
     if ckpt:
         _restore(run, ckpt)
     return run
@@ -199,23 +204,30 @@ def _add_lora(policy, r: int):
     return get_peft_model(policy, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
 
 
-def checkpoint(run: Run):
-    states = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+def checkpoint(run: Run, crashing: bool = False):
+    """Written by rank 0 in the single-process format (any world size resumes it); every rank calls
+    this (fsdp gathers weights and optimizer state), except on a crash, where only a rank that can
+    save alone does."""
+    if crashing and not D.can_save_alone(run):
+        return None
+    states = {"optimizer": D.optimizer_state(run), "scheduler": run.scheduler.state_dict(),
               "prompts": run.prompts.state(), "beta": run.beta, "extra": run.extra}
     if run.critic_optimizer is not None:
         states["critic_optimizer"] = run.critic_optimizer.state_dict()
     if run.value_head is not None:
         states["value_head"] = run.value_head.state_dict()
-    models = {"policy": run.policy, "critic": run.critic}
+    models = {"policy": D.saveable(run, run.policy), "critic": run.critic}
     if run.ref is not None and run.cfg.iterative.ref_reset_steps:
         models["ref"] = run.ref
+    if not run.world.main:
+        return None
     return save_checkpoint(run.cfg.output_dir, models=models, states=states, tokenizer=run.tokenizer,
                            meta={"step": run.step, "config": to_dict(run.cfg), "model_dir": run.model_dir})
 
 
 def _restore(run: Run, ckpt: Path):
     states, meta = load_state(ckpt)
-    run.optimizer.load_state_dict(states["optimizer"])
+    D.load_optimizer_state(run, states["optimizer"])
     run.scheduler.load_state_dict(states["scheduler"])
     if run.critic_optimizer is not None and "critic_optimizer" in states:
         run.critic_optimizer.load_state_dict(states["critic_optimizer"])
