@@ -158,3 +158,10 @@ def test_config_errors_before_joining_a_process_group(monkeypatch, extra, key):
     cfg = load_config(None, ["prompts_per_step=4", "distributed.strategy=ddp", *extra])
     with pytest.raises(ConfigError, match=key):
         D.init(cfg)
+
+
+@pytest.mark.parametrize("name, world", [("gsm8k_qwen_multi_gpu.yaml", 8), ("gsm8k_qwen_multi_node.yaml", 16)])
+def test_scale_out_recipes_are_valid_configs(name, world):
+    cfg = load_config(str(REPO / "examples" / name), [])
+    assert cfg.distributed.strategy in ("ddp", "fsdp")
+    D.check_config(cfg, world)
