@@ -132,3 +132,38 @@ def test_keep_routing_on_a_tiny_moe(tmp_path):
     assert torch.allclose(logp[real], batch.sampler_logp[real], atol=1e-5)
     rl.prepare(run, batch)
     rl.update(run, batch, rl.Timer())
+
+
+def test_iterative_grpo_retrains_the_reward_model(sft_dir, tmp_path):
+    """Reference reset + reward model continued on verifier-labelled pairs of policy samples, with
+    replay; the user's reward-model directory is never written."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_dir = tmp_path / "rm"
+    rm = AutoModelForSequenceClassification.from_pretrained(str(sft_dir), num_labels=1)
+    rm.config.pad_token_id = AutoTokenizer.from_pretrained(str(sft_dir)).pad_token_id
+    rm.save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(str(sft_dir)).save_pretrained(rm_dir)
+    before = (rm_dir / "model.safetensors").read_bytes()
+    cfg = rl_config(sft_dir, tmp_path / "it", max_steps=2, beta=0.1, reward_model=str(rm_dir),
+                    reward_weights=[1.0, 0.5], group_size=8)
+    cfg.iterative.ref_reset_steps, cfg.iterative.rm_retrain = 1, True
+    train(cfg)
+    rows = _metrics(tmp_path / "it")
+    assert all(r.get("iterative/reset") == 1 for r in rows)
+    retrained = [r for r in rows if "rm/loss" in r]
+    assert retrained, "the reward model was never retrained (no verifier-labelled pairs?)"
+    assert (tmp_path / "it" / "reward_model" / "model.safetensors").exists()
+    assert (rm_dir / "model.safetensors").read_bytes() == before
+    if len(retrained) > 1:
+        assert retrained[-1]["rm/replay_pairs"] > 0
+
+
+def test_rm_retrain_needs_a_verifier(sft_dir, tmp_path):
+    from lmpo.config import ConfigError
+
+    cfg = rl_config(sft_dir, tmp_path / "x", reward_model=str(sft_dir))
+    cfg.iterative.ref_reset_steps, cfg.iterative.rm_retrain = 1, True
+    cfg.reward_funcs = []
+    with pytest.raises(ConfigError, match="rm_retrain"):
+        setup(cfg)

@@ -57,6 +57,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             run.step += 1
             metrics = {**roll_stats, **prep_stats, **upd_stats, **step_times(t, time.perf_counter() - t0)}
             metrics = D.reduce_metrics(run, metrics)                # over ranks (the same dict on every rank)
+            adapt_kl(run, metrics)
             iterative_reset(run, metrics)
             if cfg.eval_steps and run.step % cfg.eval_steps == 0 and run.eval_rows:
                 metrics.update(evaluate_policy(run))
@@ -167,6 +168,12 @@ def score(run: Run, batch: RolloutBatch) -> dict:
         rewards = torch.tensor(res.rewards, dtype=torch.float32, device=device)            # [N]
         valid = torch.tensor(res.valid, dtype=torch.bool, device=device) & (valid if process else True)
         metrics = res.metrics
+        if run.cfg.iterative.rm_retrain:  # verifier-labelled pairs from this policy, for the next RM update
+            from .iterative import group_pairs, verifier_labels
+
+            labels = verifier_labels(res.per_func, {name: w for (name, _), w in outcome})
+            run.extra.setdefault("rm_new_pairs", []).extend(
+                group_pairs(batch.prompts, batch.completions, labels, run.cfg.group_size))
     lengths = batch.mask.sum(-1)
     if run.algo.overlong_buffer:
         rewards = rewards + A.overlong_penalty(lengths, run.cfg.max_new_tokens, run.algo.overlong_buffer,
@@ -436,19 +443,35 @@ def step_times(t: Timer, total: float) -> dict:
     return out
 
 
-def iterative_reset(run: Run, metrics: dict):
-    """Iterative GRPO (DeepSeekMath Alg. 1): every K steps the reference becomes the current policy;
-    the adaptive KL controller (Ziegler et al.) updates β from the observed KL."""
+def adapt_kl(run: Run, metrics: dict):
+    """Ziegler et al.'s adaptive KL controller: β moves towards the target KL (``ppo.kl_target``)."""
     cfg = run.cfg
     if cfg.ppo.kl_target is not None and "kl" in metrics:
         observed = metrics.get("kl_reward", metrics["kl"])
         run.beta = A.adaptive_kl_coef(run.beta, observed, cfg.ppo.kl_target, cfg.ppo.kl_horizon,
                                       cfg.prompts_per_step * cfg.group_size)
+
+
+def iterative_reset(run: Run, metrics: dict):
+    """Iterative GRPO (DeepSeekMath Alg. 1): every K steps the reference becomes the current policy
+    and, with ``iterative.rm_retrain``, the reward model continues training on verifier-labelled
+    pairs of recent policy samples with a replay of historical pairs."""
+    cfg = run.cfg
     k = cfg.iterative.ref_reset_steps
-    if k and run.ref is not None and run.step % k == 0:
+    if not k or run.step % k:
+        return
+    if run.ref is not None:
         metrics["iterative/kl_before_reset"] = metrics.get("kl", 0.0)
         run.ref.load_state_dict(run.policy.state_dict())
         metrics["iterative/reset"] = 1
+    if cfg.iterative.rm_retrain and run.extra.get("rm_new_pairs"):
+        from .iterative import retrain_reward_model
+
+        scorer = dict(run.reward_sources)["reward_model"]
+        new = run.extra.pop("rm_new_pairs")
+        metrics.update(retrain_reward_model(scorer, new, run.extra.get("rm_history", []), cfg.output_dir,
+                                            cfg.iterative.rm_replay, seed=cfg.seed + run.step))
+        run.extra.setdefault("rm_history", []).extend(new)
 
 
 def samples(batch: RolloutBatch, k: int) -> list[dict]:

@@ -103,11 +103,17 @@ class Run:
 def reward_sources(cfg: Config):
     from ..rewards.combine import resolve_reward_funcs
 
+    if cfg.iterative.rm_retrain and (not cfg.reward_model or not cfg.reward_funcs):
+        raise ConfigError("config key 'iterative.rm_retrain' needs a reward_model to retrain and at least one reward "
+                          "function (a verifier) in reward_funcs to label the new preference pairs.")
     sources = resolve_reward_funcs(list(cfg.reward_funcs))
     if cfg.reward_model:
         from ..rewards.reward_model import RewardModelScorer
 
-        sources.append(("reward_model", RewardModelScorer(cfg.reward_model)))
+        try:
+            sources.append(("reward_model", RewardModelScorer(cfg.reward_model)))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"reward_model '{cfg.reward_model}' could not be loaded as a reward model: {e}") from None
     if cfg.reward_url:
         from ..rewards.remote import RemoteReward
 
@@ -115,6 +121,7 @@ def reward_sources(cfg: Config):
     if not sources:
         raise ConfigError("config: no reward source; set reward_funcs, reward_model or reward_url.")
     weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(sources)
+
     return sources, [float(w) for w in weights]
 
 
