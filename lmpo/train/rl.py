@@ -377,13 +377,16 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
     loss = A.aggregate_loss(per_tok, mask, **agg)
     real = mask > 0
     with torch.no_grad():
-        ratio = torch.exp(logp - old)[real]
+        if mb.old_logp is None or not real.any():  # π_old is the current policy: ρ = 1 exactly, nothing clipped
+            ratio_stats = {"actor/clip_frac": 0.0, "actor/ratio_mean": 1.0, "actor/ratio_max": 1.0, "actor/ratio_min": 1.0}
+        else:
+            ratio = torch.exp(logp - old)[real]
+            ratio_stats = {
+                "actor/clip_frac": float(A.clip_fraction(logp, old, mb.adv, mask, algo.eps_low, algo.eps_high, algo.ratio_level)),
+                "actor/ratio_mean": float(ratio.mean()), "actor/ratio_max": float(ratio.max()),
+                "actor/ratio_min": float(ratio.min())}
         stats.update({
-            "loss": loss.item(),
-            "actor/clip_frac": float(A.clip_fraction(logp, old, mb.adv, mask, algo.eps_low, algo.eps_high, algo.ratio_level)),
-            "actor/ratio_mean": float(ratio.mean()) if ratio.numel() else 1.0,
-            "actor/ratio_max": float(ratio.max()) if ratio.numel() else 1.0,
-            "actor/ratio_min": float(ratio.min()) if ratio.numel() else 1.0,
+            "loss": loss.item(), **ratio_stats,
             "entropy": float(entropy[real].mean()) if real.any() else 0.0,
             "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
         })
@@ -489,10 +492,23 @@ def save_final(run: Run):
         run.tokenizer.save_pretrained(out)
 
 
-def write_summary(run: Run, metrics: dict, wall_s: float):
-    """summary.json: final metrics, wall time, peak RSS and the bytes each trained model holds."""
+def peak_rss_mib() -> float:
+    """This process's peak resident set size. /proc's VmHWM belongs to the process image, whereas
+    getrusage's ru_maxrss also counts the parent's memory before a fork + exec (so a run started by
+    ``lmpo compare`` would report the parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_summary(run: Run, metrics: dict, wall_s: float):
+    """summary.json: final metrics, wall time, peak RSS and the bytes each trained model holds."""
     from ..models.value import param_bytes
 
     state = {"policy": param_bytes(run.policy, run.optimizer)}
@@ -502,7 +518,7 @@ def write_summary(run: Run, metrics: dict, wall_s: float):
         state["reference"] = param_bytes(run.ref)
     summary = {**metrics, "wall_s": wall_s, "steps": run.step,
                "samples_per_step": run.cfg.prompts_per_step * run.cfg.group_size,
-               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               "peak_rss_mib": peak_rss_mib(),
                "model_state_mib": {k: v["total"] / 2**20 for k, v in state.items()},
                "model_state_bytes": state}
     (Path(run.cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
