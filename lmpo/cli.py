@@ -77,6 +77,8 @@ def cmd_train(argv):
     from .train.rl import train
 
     metrics = train(cfg, resume="--resume" in flags)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     keys = [k for k in ("reward/mean", "eval/greedy_accuracy", "eval/sampled_accuracy") if k in metrics]
     print(json.dumps({k: metrics[k] for k in keys}))
     print(f"saved to {cfg.output_dir}/final")
