@@ -96,3 +96,33 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- math tests
+
+ATOL = 1e-6  # the tolerance of every hand-worked value in tests/test_algorithms_*.py
+
+
+@pytest.fixture
+def float64():
+    """Run a test with float64 as the default dtype (restored afterwards)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64),
+                               torch.as_tensor(b, dtype=torch.float64), atol=ATOL, rtol=0)
+
+
+DIGITS_REWARD = '''
+def digit_match(prompts, completions, answer=None, **kw):
+    """Partial credit for a sum: the fraction of characters in the right place (a dense signal)."""
+    out = []
+    for c, g in zip(completions, answer):
+        c, g = c.strip(), str(g)
+        out.append(sum(a == b for a, b in zip(c, g)) / max(len(c), len(g), 1))
+    return out
+'''

@@ -15,22 +15,10 @@ from lmpo.algorithms import (
     rloo_advantages,
     whiten,
 )
-
-ATOL = 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    """Hand values are checked at atol 1e-6: compute in float64 (restored after each test)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+from conftest import ATOL, close  # noqa: F401
 
 
-def close(a, b):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64),
-                               torch.as_tensor(b, dtype=torch.float64), atol=ATOL, rtol=0)
+pytestmark = pytest.mark.usefixtures("float64")  # hand-worked values in double precision
 
 
 # ------------------------------------------------------------------ group estimators

@@ -6,22 +6,12 @@ import pytest
 import torch
 
 from lmpo.algorithms import AGGREGATIONS, aggregate_loss, clip_fraction, policy_loss, value_loss
+from conftest import ATOL, close  # noqa: F401
 
-ATOL = 1e-6
 NAN, INF = float("nan"), float("inf")
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
-def close(a, b):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float64),
-                               torch.as_tensor(b, dtype=torch.float64), atol=ATOL, rtol=0)
+pytestmark = pytest.mark.usefixtures("float64")  # hand-worked values in double precision
 
 
 def _ratios(*rhos):

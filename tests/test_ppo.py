@@ -4,26 +4,18 @@ the reward going up on the tiny model."""
 from __future__ import annotations
 
 import pytest
-from conftest import read_jsonl, rl_config, write_jsonl
+from conftest import DIGITS_REWARD, read_jsonl, rl_config, write_jsonl
 
 from lmpo.data import addition_rows
 from lmpo.train.rl import train
 
-DIGITS = '''
-def digit_match(prompts, completions, answer=None, **kw):
-    out = []
-    for c, g in zip(completions, answer):
-        c, g = c.strip(), str(g)
-        out.append(sum(a == b for a, b in zip(c, g)) / max(len(c), len(g), 1))
-    return out
-'''
 
 
 @pytest.mark.parametrize("critic", ["separate", "shared"])
 def test_ppo_raises_the_reward(sft_dir, tmp_path, critic):
     """From the SFT-warmed tiny model, PPO (critic, GAE, 2 epochs × 2 minibatches, k1 KL in the
     reward) on 8 fixed addition prompts raises the digit-level reward."""
-    (tmp_path / "digits.py").write_text(DIGITS)
+    (tmp_path / "digits.py").write_text(DIGITS_REWARD)
     data = write_jsonl(tmp_path / "p8.jsonl", addition_rows(8, seed=5))
     out = tmp_path / critic
     cfg = rl_config(sft_dir, out, dataset=data, algorithm="ppo", reward_funcs=[f"{tmp_path / 'digits.py'}:digit_match"],

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import read_jsonl, rl_config, write_jsonl
+from conftest import DIGITS_REWARD, read_jsonl, rl_config, write_jsonl
 
 from lmpo.data import addition_rows
 from lmpo.rewards.errors import RewardError
@@ -16,15 +16,6 @@ from lmpo.train.rl import train
 REQUIRED_KEYS = ["step", "reward/mean", "reward/std", "kl", "loss", "actor/clip_frac", "entropy",
                  "completion/mean_length", "frac_zero_std_groups", "time/step_s"]
 
-# Partial credit for a sum: the fraction of characters in the right place (a dense signal).
-DIGITS = '''
-def digit_match(prompts, completions, answer=None, **kw):
-    out = []
-    for c, g in zip(completions, answer):
-        c, g = c.strip(), str(g)
-        out.append(sum(a == b for a, b in zip(c, g)) / max(len(c), len(g), 1))
-    return out
-'''
 
 # NaN for prompts whose first operand is even (the sample failed), a number otherwise.
 FLAKY = '''
@@ -166,7 +157,7 @@ def test_reward_errors_raise_names_the_function(sft_dir, tmp_path):
 def test_grpo_raises_the_reward(sft_dir, tmp_path):
     """From the SFT-warmed tiny model, 24 GRPO steps on 8 fixed addition prompts raise both the
     exact-match reward and a digit-level partial-credit reward (seeded: deterministic)."""
-    (tmp_path / "digits.py").write_text(DIGITS)
+    (tmp_path / "digits.py").write_text(DIGITS_REWARD)
     data = write_jsonl(tmp_path / "p8.jsonl", addition_rows(8, seed=5))
     out = tmp_path / "out"
     cfg = rl_config(sft_dir, out, dataset=data, reward_funcs=["addition_exact", f"{tmp_path / 'digits.py'}:digit_match"],
