@@ -113,8 +113,8 @@ def collect(run: Run, t: Timer) -> tuple[RolloutBatch, dict]:
     if short > 0 and dropped:
         batch = RolloutBatch.cat([batch, RolloutBatch.cat(dropped).select(torch.arange(short))])
     batch = batch.select(torch.arange(min(len(batch), need * cfg.group_size)))
-    stats = {k: v / max(1, stats.get("_n", 1)) if not k.startswith("_") and not k.endswith("failures") else v
-             for k, v in stats.items() if k != "_n"}
+    rounds_scored = stats.pop("_n")                      # counts add up over rounds; the rest is averaged
+    stats = {k: v if k.endswith(("failures", "invalid")) else v / rounds_scored for k, v in stats.items()}
     stats["frac_zero_std_groups"] = zero_std / max(1, n_groups)
     if algo.dynamic_sampling:
         stats["dynamic/extra_rounds"] = rounds
