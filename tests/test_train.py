@@ -170,3 +170,29 @@ def test_grpo_raises_the_reward(sft_dir, tmp_path):
     first, last = sum(digits[:5]) / 5, sum(digits[-5:]) / 5
     assert last > first + 0.08, f"digit reward did not rise: {first:.3f} -> {last:.3f} ({digits})"
     assert sum(exact[-5:]) / 5 > sum(exact[:5]) / 5 + 0.08, f"exact-match reward did not rise: {exact}"
+
+
+def test_lora_uses_the_base_as_reference_and_resumes(sft_dir, tmp_path):
+    """LoRA through peft: no second model for the reference (the base with the adapter disabled),
+    the final model is merged (plain transformers loads it), and --resume continues the adapter:
+    2 + 2 steps give the weights of 4 straight steps."""
+    from transformers import AutoModelForCausalLM
+
+    from lmpo.train.setup import setup
+
+    kw = dict(lora_r=4, beta=0.05, learning_rate=1e-2, save_steps=1, log_samples=0)
+    cfg = rl_config(sft_dir, tmp_path / "a", max_steps=4, **kw)
+    run = setup(cfg)
+    assert run.ref is None and run.use_ref
+    train(cfg)
+    cfg2 = rl_config(sft_dir, tmp_path / "b", max_steps=2, **kw)
+    train(cfg2)
+    cfg2.max_steps = 4
+    train(cfg2, resume=True)
+    a = AutoModelForCausalLM.from_pretrained(str(tmp_path / "a" / "final")).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(str(tmp_path / "b" / "final")).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(str(sft_dir)).state_dict()
+    assert set(a) == set(base)
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)

@@ -151,14 +151,15 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     ckpt = find_checkpoint(cfg.output_dir) if resume else None
     if resume and ckpt is None:
         raise ConfigError(f"--resume: no checkpoint in '{cfg.output_dir}' (looked for {cfg.output_dir}/checkpoint).")
-    policy_dir = str(ckpt / "policy") if ckpt else model_dir
-    tokenizer = load_tokenizer(cfg.tokenizer or (policy_dir if ckpt else model_dir))
+    # with LoRA the checkpoint holds the adapter only: the base is model_dir, the adapter is resumed
+    policy_dir = str(ckpt / "policy") if ckpt and not cfg.lora_r else model_dir
+    tokenizer = load_tokenizer(cfg.tokenizer or (str(ckpt / "policy") if ckpt else model_dir))
     policy = load_causal_lm(policy_dir, device)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
     if cfg.lora_r:
-        policy = _add_lora(policy, cfg.lora_r)
+        policy = _add_lora(policy, cfg.lora_r, adapter=ckpt / "policy" if ckpt else None)
     policy = D.prepare_model(policy, world)                         # ddp: rank 0's weights; fsdp: sharded
     need_ref = cfg.beta > 0 and algo.kl_placement != "none"
     ref = None
@@ -203,11 +204,14 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     return run
 
 
-def _add_lora(policy, r: int):
+def _add_lora(policy, r: int, adapter=None):
+    """A LoRA adapter of rank r on every linear layer (through peft), or the one saved in ``adapter``."""
     try:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError as e:  # pragma: no cover
         raise ConfigError("config key 'lora_r' needs peft: pip install 'lmpo[lora]'") from e
+    if adapter is not None:
+        return PeftModel.from_pretrained(policy, str(adapter), is_trainable=True)
     return get_peft_model(policy, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", lora_dropout=0.0))
 
 
