@@ -14,7 +14,6 @@ the culprit, with exit status 2; ``LMPO_DEBUG=1`` shows the full traceback.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys

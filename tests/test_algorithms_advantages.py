@@ -15,7 +15,7 @@ from lmpo.algorithms import (
     rloo_advantages,
     whiten,
 )
-from conftest import ATOL, close  # noqa: F401
+from conftest import close
 
 
 pytestmark = pytest.mark.usefixtures("float64")  # hand-worked values in double precision

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmpo.algorithms import adaptive_kl_coef, kl_in_reward, kl_penalty, unbiased_kl
-from conftest import ATOL, close  # noqa: F401
+from conftest import close
 
 NAN, INF = float("nan"), float("inf")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmpo.algorithms import AGGREGATIONS, aggregate_loss, clip_fraction, policy_loss, value_loss
-from conftest import ATOL, close  # noqa: F401
+from conftest import ATOL, close
 
 NAN, INF = float("nan"), float("inf")
 

@@ -13,7 +13,7 @@ from lmpo.algorithms import (
     truncated_is_weights,
     zero_std_groups,
 )
-from conftest import ATOL, close  # noqa: F401
+from conftest import close
 
 NAN, INF = float("nan"), float("inf")
 

@@ -1,6 +1,5 @@
 """code_tests: fraction of tests passed, fenced extraction, test formats, pool, crashes."""
 
-import time
 
 import pytest
 
@@ -75,22 +74,36 @@ def test_crashing_sample_does_not_stop_the_batch(reward):
     assert out == [0.0, 0.0, 1.0, 0.0]
 
 
-def test_parallel_pool_overlaps_runs(tmp_path):
+def test_parallel_pool_overlaps_runs(tmp_path, monkeypatch):
+    """Runs overlap in the bounded pool: count the sandboxes alive at once (no wall-clock timing)."""
+    import threading
+
     sleepy = "import time\ndef add(a, b):\n    time.sleep(0.5)\n    return a + b\n"
     reward = CodeTests(FAST, max_workers=4, tmp_root=str(tmp_path))
-    t0 = time.monotonic()
-    out = reward(["p"] * 4, [sleepy] * 4, tests=["assert add(1, 2) == 3"] * 4)
-    elapsed = time.monotonic() - t0
-    assert out == [1.0] * 4
-    assert elapsed < 4 * 0.5 + 0.5  # serial would take over 2 s of sleeping alone
+    lock, active, peak = threading.Lock(), [0], [0]
+    one = reward._one
+
+    def counted(*args):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return one(*args)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(reward, "_one", counted)
+    out = reward(["p"] * 6, [sleepy] * 6, tests=["assert add(1, 2) == 3"] * 6)
+    assert out == [1.0] * 6
+    assert 2 <= peak[0] <= 4  # several at once, never more than max_workers
     assert list(tmp_path.iterdir()) == []  # every temp dir removed
 
 
-def test_timeout_gives_partial_credit_and_returns_fast(reward):
+def test_timeout_gives_partial_credit(reward):
+    """The unit that loops forever is stopped at its deadline; the other three still count."""
     slow = "def add(a, b):\n    while a == 2:\n        pass\n    return a + b\n"
-    t0 = time.monotonic()
     assert reward(["p"], [slow], tests=[TESTS]) == [0.75]
-    assert time.monotonic() - t0 < FAST.wall_s + 2
 
 
 def test_output_is_captured_up_to_cap(tmp_path):

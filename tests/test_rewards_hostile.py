@@ -14,6 +14,10 @@ PROGRAMS = corpus.load_programs()
 
 @pytest.fixture(scope="module")
 def outcome(tmp_path_factory):
+    from lmpo.rewards.sandbox import isolation
+
+    # Never run the corpus unconfined: if namespaces stopped working, fail here, clearly.
+    assert isolation().name != "none", "the sandbox fell back to no isolation; refusing to run hostile code"
     stage = corpus.setup(str(tmp_path_factory.mktemp("hostile")))
     try:
         outcomes = corpus.run(stage, PROGRAMS)
@@ -36,8 +40,7 @@ def test_hostile_program(outcome, name):
     o = outcomes[name]
     assert o.reward == pytest.approx(o.program.expect), (name, o.status, o.results)
     assert o.status == "ok", o.status  # the harness reported (it was not killed from outside)
-    limit = corpus.LIMITS["wall_s"] + 2.5  # wall limit + harness/namespace start-up on a busy box
-    assert o.seconds < limit, (name, o.seconds)
+    # how long each took is reported by bench/hostile_table.py; tests assert no wall-clock times
 
 
 def test_nothing_left_behind(outcome):

@@ -446,11 +446,8 @@ def main():
     out = {"passed": 0, "total": 0, "results": [], "output": "", "notes": _notes, "init_error": None}
     try:
         _apply_limits(job["limits"], solution=False)
-        _setup_filesystem(job)
-        here = os.path.dirname(os.path.abspath(__file__))
-        with open(os.path.join(here, "_server.py")) as f:
-            server_src = f.read()
-        results, out["init_error"] = run_units(job, server_src)
+        _setup_filesystem(job)  # after this, files under /tmp (a checkout there) are hidden: use SERVER_SRC
+        results, out["init_error"] = run_units(job, SERVER_SRC)
         out["results"] = results
         out["total"] = len(results)
         out["passed"] = sum(1 for r in results if r[1])
@@ -469,7 +466,8 @@ def main():
 
 _codec = {}
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")) as _f:
-    exec(compile(_f.read(), "_server.py", "exec"), _codec)
+    SERVER_SRC = _f.read()  # read before the private mounts are made
+exec(compile(SERVER_SRC, "_server.py", "exec"), _codec)
 encode, decode, Unencodable = _codec["encode"], _codec["decode"], _codec["Unencodable"]
 
 if __name__ == "__main__":

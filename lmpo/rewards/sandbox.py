@@ -46,6 +46,9 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger(__name__)
 
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py")
+# The real interpreter, not a virtualenv's link to it: the venv may live under /tmp, which the
+# sandbox covers with a private tmpfs, and the harness and solution need no site-packages (-I -S).
+PYTHON = os.path.realpath(sys.executable)
 _UNSHARE = ["--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
 
 
@@ -149,7 +152,7 @@ def _run(iso: Isolation, code, tests, entry_point, limits, tmp_root) -> SandboxR
     job = {"nonce": nonce, "code": code, "tests": tests, "entry_point": entry_point,
            "limits": asdict(limits), "workdir": workdir, "mount_ns": iso.mount_ns, "uid": uid}
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-    cmd = [*iso.prefix, sys.executable, "-I", "-S", HARNESS]
+    cmd = [*iso.prefix, PYTHON, "-I", "-S", HARNESS]
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=workdir, env=env,
