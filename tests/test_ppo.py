@@ -45,3 +45,21 @@ def test_adaptive_kl_moves_beta(sft_dir, tmp_path):
     assert betas[1] == pytest.approx(0.05 * (1 - 0.2 * 16 / 100))
     assert rows[1]["kl_reward"] > 1e-6
     assert betas[2] == pytest.approx(betas[1] * (1 + 0.2 * 16 / 100))
+
+
+def test_ppo_ptx_mixes_a_language_modelling_loss(sft_dir, tmp_path):
+    cfg = rl_config(sft_dir, tmp_path / "ptx", algorithm="ppo", max_steps=1, beta=0.02)
+    cfg.ppo.ptx_coef = 0.1
+    train(cfg)
+    assert read_jsonl(tmp_path / "ptx" / "metrics.jsonl")[-1]["ptx/loss"] > 0
+
+
+def test_ppo_ptx_dataset_is_checked_before_training(sft_dir, tmp_path):
+    from lmpo.data import DatasetError
+
+    bad = write_jsonl(tmp_path / "noc.jsonl", [{"prompt": "1+2="}])
+    cfg = rl_config(sft_dir, tmp_path / "bad", algorithm="ppo", max_steps=1)
+    cfg.ppo.ptx_coef, cfg.ppo.ptx_dataset = 0.1, str(bad)
+    with pytest.raises(DatasetError, match="completion"):
+        train(cfg)
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

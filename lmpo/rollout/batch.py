@@ -98,7 +98,7 @@ def _cat_routing(batches):
     return layers
 
 
-_PAD = {"prompt_ids": None, "completion_ids": None, "step_ends": -1, "step_rewards": float("nan")}
+_PAD = {"step_ends": -1, "step_rewards": float("nan")}  # right-padding values other than 0
 
 
 def _cat_padded(vals, name):
@@ -113,8 +113,7 @@ def _cat_padded(vals, name):
             if name in ("prompt_ids", "prompt_mask"):  # prompts are left-padded (masked, so any id does)
                 v = torch.cat([torch.zeros((v.shape[0], extra, *v.shape[2:]), dtype=v.dtype, device=v.device), v], 1)
             else:
-                pad = torch.full((v.shape[0], extra, *v.shape[2:]), 0 if fill is None else fill, dtype=v.dtype,
-                                 device=v.device)
+                pad = torch.full((v.shape[0], extra, *v.shape[2:]), fill, dtype=v.dtype, device=v.device)
                 v = torch.cat([v, pad], 1)
         out.append(v)
     return torch.cat(out)

@@ -410,13 +410,9 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
 
 def ptx_loss(run: Run, share: float) -> torch.Tensor:
     """PPO-ptx (InstructGPT): a language-modelling loss on SFT / pretraining pairs."""
-    from ..data import load_rows
     from .sft import completion_nll, encode_pairs
 
-    if "ptx_rows" not in run.__dict__:
-        run.__dict__["ptx_rows"] = load_rows(run.cfg.ppo.ptx_dataset or run.cfg.dataset, required=("prompt", "completion"),
-                                             what="ppo.ptx_dataset")
-    rows = run.__dict__["ptx_rows"]
+    rows = run.ptx_rows
     g = torch.Generator().manual_seed(run.cfg.seed + run.step)
     pick = torch.randint(len(rows), (run.cfg.prompts_per_step,), generator=g).tolist()
     ids, attn, lab = encode_pairs(run.tokenizer, [render_prompt(rows[i]["prompt"], run.tokenizer, i) for i in pick],

@@ -91,6 +91,7 @@ class Run:
     model_dir: str
     beta: float
     max_prompt_len: int | None = None
+    ptx_rows: list | None = None            # PPO-ptx language-modelling rows
     world: D.World = field(default_factory=D.World)
     step: int = 0
     extra: dict = field(default_factory=dict)
@@ -144,6 +145,8 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
     elif cfg.dataset == ADDITION:
         eval_rows = addition_heldout(cfg.eval_samples)
+    ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
+                         what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
     if cfg.model and not Path(cfg.model).exists() and not _looks_like_hub_id(cfg.model):
         raise ModelError(f"model '{cfg.model}' does not exist: give a local HF model directory (config.json + "
                          "weights) or leave 'model' unset for the embedded tiny model.")
@@ -198,7 +201,8 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
               value_head=value_head, optimizer=optimizer, scheduler=scheduler, critic_optimizer=critic_opt,
               prompts=PromptStream(rows, cfg.seed), reward_sources=sources, reward_weights=weights,
-              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta, max_prompt_len=max_prompt_len, world=world)
+              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta, max_prompt_len=max_prompt_len, world=world,
+              ptx_rows=ptx_rows)
     if ckpt:
         _restore(run, ckpt)
     return run
