@@ -24,7 +24,9 @@ def _user_errors():
     from .data import DatasetError
     from .models.load import ModelError
 
-    errs = [ConfigError, DatasetError, ModelError]
+    from .train.ray_backend import WorkerError
+
+    errs = [ConfigError, DatasetError, ModelError, WorkerError]
     try:
         from .rewards.errors import RewardError
 

@@ -85,11 +85,30 @@ class IterativeConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """Which engine generates the rollouts."""
+
+    engine: str = opt("builtin", "rollout engine: the built-in KV-cache sampler, or vLLM (pip install 'lmpo[vllm]', a GPU)", ["builtin", "vllm"])
+    vllm_mode: str = opt("colocate", "vLLM in this process, asleep while training ('colocate'), or a running vLLM server ('server')", ["colocate", "server"])
+    vllm_url: str | None = opt(None, "vllm_mode=server: the server's base URL, e.g. http://host:8000 (started with VLLM_SERVER_DEV_MODE=1 so weights can be reloaded)")
+    vllm_gpu_memory_utilization: float = opt(0.3, "vllm_mode=colocate: fraction of GPU memory vLLM may take")
+    vllm_sync_dir: str | None = opt(None, "vllm_mode=server: directory shared with the server where updated weights are written (default: output_dir/vllm_weights)")
+
+
+@dataclass
 class DistributedConfig:
-    """Multi-process training."""
+    """Multi-process training: torchrun (DDP / FSDP2), or Ray actors for rollout, reward and learner."""
 
     strategy: str = opt("none", "data parallel strategy", ["none", "ddp", "fsdp"])
     nproc: int = opt(1, "processes to launch with torchrun when strategy is ddp or fsdp")
+    backend: str = opt("torch", "'torch': one process or torchrun; 'ray': rollout workers, reward workers and the learner as Ray actors (pip install 'lmpo[ray]')", ["torch", "ray"])
+    rollout_workers: int = opt(2, "ray: rollout worker actors (each holds a copy of the policy)")
+    reward_workers: int = opt(1, "ray: reward worker actors")
+    max_staleness: int = opt(0, "ray: 0 = synchronous; K >= 1 = asynchronous, rollouts from a policy at most K updates old (turns on algo.tis_cap = 2 unless set)")
+    ray_address: str | None = opt(None, "ray: address of an existing cluster (default: start a local one)")
+    ray_num_cpus: int | None = opt(None, "ray: CPUs of the local cluster (default: one per actor)")
+    ray_timeout_s: float = opt(600.0, "ray: seconds to wait for a rollout or reward before giving up with an error")
+    worker_restarts: int = opt(1, "ray: times a dead rollout or reward worker is restarted (its work resubmitted) before the run stops")
 
 
 @dataclass
@@ -141,6 +160,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={"help": "algorithm choices (override the preset)"})
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "critic and reward-KL settings"})
     iterative: IterativeConfig = field(default_factory=IterativeConfig, metadata={"help": "iterative GRPO"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollout engine"})
     distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "multi-process training"})
 
 

@@ -97,3 +97,25 @@ def embedded_model(progress: bool = True) -> Path:
     train_sft(cfg)
     tmp.rename(out) if not out.exists() else None
     return out
+
+
+def merged_state_dict(model) -> dict:
+    """The plain HF state dict of ``model`` (what ``from_pretrained`` of its base would load). For a
+    peft LoRA model: the base weights with each adapter merged in, W + ΔW (peft's
+    ``get_delta_weight``, i.e. scaling · B A), computed without modifying the model."""
+    if not hasattr(model, "peft_config"):
+        return model.state_dict()
+    base = model.get_base_model()
+    lora = {name: m for name, m in base.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    out = {}
+    for name, v in base.state_dict().items():
+        if "lora_" in name:
+            continue
+        module, _, leaf = name.rpartition(".")
+        if module.endswith(".base_layer"):
+            module = module[: -len(".base_layer")]
+            if leaf == "weight" and module in lora:
+                layer = lora[module]
+                v = v + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+        out[f"{module}.{leaf}"] = v.detach()
+    return out

@@ -26,6 +26,7 @@ class RolloutBatch:
     rows: list = field(default_factory=list)           # [N] the dataset row of each sample
     keep_mask: torch.Tensor | None = None   # [N, T, V] bool: kept top-p/top-k support (keep_sampling_mask)
     routing: list | None = None             # per MoE layer [N, P+T, k] expert ids (keep_routing)
+    policy_version: torch.Tensor | None = None  # [N] long: optimizer steps of the weights that sampled the row
     # --- from reward
     rewards: torch.Tensor | None = None     # [N] sequence reward (NaN where invalid)
     valid: torch.Tensor | None = None       # [N] bool: every reward source scored this sample
@@ -38,7 +39,6 @@ class RolloutBatch:
     token_rewards: torch.Tensor | None = None  # [N, T]
     adv: torch.Tensor | None = None         # [N, T]
     returns: torch.Tensor | None = None     # [N, T]
-    is_weights: torch.Tensor | None = None  # [N, T] truncated importance weights
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]

@@ -18,7 +18,8 @@ import torch
 from .. import algorithms as A
 from ..config import Config, to_dict
 from ..data import render_prompt
-from ..rollout import RolloutBatch, rollout
+from ..rollout import RolloutBatch
+from ..rollout.engine import SamplingSpec, make_engine
 from . import distributed as D
 from .forward import completion_logp, sequence_inputs
 from .logging import MetricsLogger
@@ -37,7 +38,11 @@ class Timer(dict):
 
 def train(cfg: Config, resume: bool = False) -> dict:
     """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set)."""
-    run = setup(cfg, resume=resume)
+    if cfg.distributed.backend == "ray" and not D.in_ray_learner():
+        from .ray_backend import launch
+
+        return launch(cfg, resume)                                  # the learner actor comes back here
+    run = setup(cfg, resume=resume)                                 # models, data, rollout engine and scorer
     out = Path(cfg.output_dir)
     if run.world.main:                                              # with several processes rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +60,8 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 prep_stats = prepare(run, batch)                    # old/ref log-probs, values, advantages
             upd_stats = update(run, batch, t)                       # μ epochs × minibatches
             run.step += 1
+            with t("weights_sync"):
+                run.engine.update_weights(run.policy, run.step)      # free when the engine shares the module
             metrics = {**roll_stats, **prep_stats, **upd_stats, **step_times(t, time.perf_counter() - t0)}
             metrics = D.reduce_metrics(run, metrics)                # over ranks (the same dict on every rank)
             adapt_kl(run, metrics)
@@ -70,6 +77,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         raise
     finally:
         log.close()
+        run.close()
     save_final(run)
     if run.eval_rows:
         metrics.update(evaluate_policy(run))
@@ -82,19 +90,36 @@ def train(cfg: Config, resume: bool = False) -> dict:
 # ----------------------------------------------------------------------------- rollout + reward
 
 
-def collect(run: Run, t: Timer) -> tuple[RolloutBatch, dict]:
+def attach(run: Run):
+    """Who generates and who scores: the engine named by ``rollout.engine`` and ``score`` in this
+    process, or (``distributed.backend: ray``) pools of rollout and reward worker actors."""
+    if run.cfg.distributed.backend == "ray":
+        from .ray_backend import attach_workers
+
+        attach_workers(run)
+    else:
+        run.engine = make_engine(run)
+        run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
+        run.scorer = lambda batch: score(run, batch)
+
+
+def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, dict]:
     """Sample G completions for ``prompts_per_step`` prompts and score them. With dynamic sampling
     (DAPO), groups whose rewards are all equal are dropped and more prompts are sampled, for at most
-    ``algo.max_extra_rounds`` extra rounds; the batch is then topped up with dropped groups."""
+    ``algo.max_extra_rounds`` extra rounds; the batch is then topped up with dropped groups.
+    Asynchronous runs (Ray, ``distributed.max_staleness`` > 0) call this ahead of the learner, in the
+    background, for a later ``step``; the loop then takes the finished batch from ``run.prefetch``."""
+    if run.prefetch is not None and step is None:
+        return run.prefetch.next(t)
     cfg, algo = run.cfg, run.algo
     kept, dropped, rounds, zero_std, n_groups, stats = [], [], 0, 0, 0, {}
     need = cfg.prompts_per_step
     while True:
         with t("rollout"):
             batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size),
-                           rounds)
+                           rounds, step)
         with t("reward"):
-            stats = merge_sums(stats, score(run, batch))
+            stats = merge_sums(stats, run.scorer(batch))
         flat = A.zero_std_groups(torch.nan_to_num(batch.rewards, nan=0.0), cfg.group_size)        # [B]
         zero_std += int(flat.sum())
         n_groups += flat.numel()
@@ -122,24 +147,23 @@ def collect(run: Run, t: Timer) -> tuple[RolloutBatch, dict]:
     return batch, stats
 
 
-def sample(run: Run, picked: list, round_: int = 0) -> RolloutBatch:
-    """G completions for each picked (index, row); group j of this step's round draws from its own
-    seeded stream, so samples do not depend on batch composition or on the rank that draws them."""
+def sample(run: Run, picked: list, round_: int = 0, step: int | None = None) -> RolloutBatch:
+    """G completions for each picked (index, row) from the rollout engine; group j of this step's round
+    draws from its own seeded stream, so samples do not depend on batch composition or on the rank
+    (or the worker) that draws them."""
     cfg = run.cfg
+    step = run.step if step is None else step
     first, picked = D.shard(run, picked)   # this rank's contiguous groups, first's global index (one process: all, 0)
-    seeds = [hash((cfg.seed, run.step, round_, first + j)) & 0x7FFFFFFF for j in range(len(picked))]
-    rows = [r for _, r in picked]
+    seeds = [hash((cfg.seed, step, round_, first + j)) & 0x7FFFFFFF for j in range(len(picked))]
     prompts = [render_prompt(r["prompt"], run.tokenizer, i) for i, r in picked]
-    run.policy.eval()
-    ctx = torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
-    with ctx, D.unsharded(run):
-        batch = rollout(run.policy, run.tokenizer, prompts, rows, group_size=cfg.group_size,
-                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                        top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
-                        max_prompt_len=run.max_prompt_len, device=run.device, seeds=seeds,
-                        keep_routing=run.algo.keep_routing)
-    run.policy.train()
-    return batch
+    return run.engine.generate(prompts, [r for _, r in picked], seeds, sampling_spec(run))
+
+
+def sampling_spec(run: Run) -> SamplingSpec:
+    cfg = run.cfg
+    return SamplingSpec(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                        top_p=cfg.top_p, top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
+                        keep_routing=run.algo.keep_routing, max_prompt_len=run.max_prompt_len, dtype=cfg.dtype)
 
 
 def score(run: Run, batch: RolloutBatch) -> dict:
@@ -248,8 +272,6 @@ def prepare(run: Run, batch: RolloutBatch) -> dict:
         run, lambda **rows: advantages(run, **rows), rewards=rewards, mask=batch.mask,
         token_rewards=batch.token_rewards, values=batch.values, step_rewards=batch.step_rewards,
         step_ends=batch.step_ends)                                             # [N, T]
-    if algo.tis_cap is not None and batch.old_logp is not None:
-        batch.is_weights = A.truncated_is_weights(batch.old_logp, batch.sampler_logp, batch.mask, algo.tis_cap)
     stats["adv/mean"] = float((batch.adv * batch.mask).sum() / batch.mask.sum().clamp(min=1))
     if batch.values is not None:
         stats["critic/value_mean"] = float((batch.values * batch.mask).sum() / batch.mask.sum().clamp(min=1))
@@ -365,8 +387,10 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
         mask = mask * keep[:, None]
     per_tok = A.policy_loss(logp, old, mb.adv, mask, algo.eps_low, algo.eps_high, level=algo.ratio_level,
                             dual_clip=algo.dual_clip)                                             # [n, T]
-    if mb.is_weights is not None:
-        per_tok = per_tok * mb.is_weights
+    if algo.tis_cap is not None:            # the sampler is not π_old (another engine, stale weights): reweight
+        is_w = A.truncated_is_weights(old, mb.sampler_logp, mask, algo.tis_cap)                   # [n, T]
+        per_tok = per_tok * is_w
+        stats["tis/weight_mean"] = float(is_w[mask > 0].mean()) if (mask > 0).any() else 1.0
     kl = None
     if mb.ref_logp is not None:
         kl = A.unbiased_kl(logp, old, mb.ref_logp, mask=mask) if algo.unbiased_kl else \

@@ -65,6 +65,8 @@ def resolve_algorithm(cfg: Config) -> SimpleNamespace:
     for k in ("max_extra_rounds", "adv_eps", "gamma", "lam", "off_policy_delta", "keep_sampling_mask",
               "keep_routing", "tis_cap"):
         algo[k] = getattr(cfg.algo, k)
+    if algo["tis_cap"] is None and (cfg.rollout.engine != "builtin" or cfg.distributed.max_staleness > 0):
+        algo["tis_cap"] = 2.0   # another engine, or stale (async) rollouts: correct the sampler/trainer mismatch
     algo["max_len"] = cfg.algo.max_len or cfg.max_new_tokens
     if algo["advantage"] == "gae" and algo["critic"] is None:
         raise ConfigError("config: the 'gae' advantage needs a critic; set ppo.critic to 'separate' or 'shared'.")
@@ -95,6 +97,15 @@ class Run:
     world: D.World = field(default_factory=D.World)
     step: int = 0
     extra: dict = field(default_factory=dict)
+    engine: object = None                   # the rollout engine (lmpo.rollout.engine), set by rl.attach
+    scorer: object = None                   # batch -> reward stats: rl.score here, or Ray reward workers
+    prefetch: object = None                 # asynchronous collection ahead of the learner (Ray, max_staleness > 0)
+    closers: list = field(default_factory=list)
+
+    def close(self):
+        """Stop what ``attach`` started (background collection, worker actors)."""
+        while self.closers:
+            self.closers.pop()()
 
     @property
     def use_ref(self) -> bool:
@@ -136,6 +147,9 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     world = D.init(cfg)                                             # torchrun: join the process group
+    if cfg.distributed.max_staleness and cfg.distributed.backend != "ray":
+        raise ConfigError("config key 'distributed.max_staleness' needs distributed.backend=ray (asynchronous "
+                          "rollouts come from Ray rollout workers).")
     device = resolve_device(cfg.device)
     algo = resolve_algorithm(cfg)
     rows = load_rows(cfg.dataset, required=("prompt",))            # bad data and reward specs fail before
@@ -205,6 +219,9 @@ def setup(cfg: Config, resume: bool = False) -> Run:
               ptx_rows=ptx_rows)
     if ckpt:
         _restore(run, ckpt)
+    from .rl import attach
+
+    attach(run)                                                     # rollout engine and scorer (here, or Ray actors)
     return run
 
 

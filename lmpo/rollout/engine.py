@@ -1,0 +1,101 @@
+"""The rollout engine interface: what the loop asks of whatever generates completions.
+
+An engine turns a list of prompts into a ``RolloutBatch`` of G completions each, with every sampled
+token's log-prob under the sampling distribution (``sampler_logp``), and takes the trainer's new
+weights after each update. The built-in KV-cache sampler (``lmpo.rollout.sampler``) is one engine;
+vLLM (``lmpo.rollout.vllm_engine``) is another; a pool of Ray rollout workers is a third. The loop
+only ever calls:
+
+    engine.generate(prompts, rows, seeds, spec)  -> RolloutBatch      (one seed per prompt / group)
+    engine.update_weights(model, version)                              (after each optimizer step)
+
+``version`` is the number of optimizer steps the weights have taken; a batch carries the version
+that generated each row (``RolloutBatch.policy_version``), so a trainer can tell how stale it is.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from .batch import RolloutBatch
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample: the same fields whichever engine does it."""
+
+    group_size: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    keep_support: bool = False       # DeepSeek-V3.2 keep sampling mask: record the top-p/top-k support
+    keep_routing: bool = False       # DeepSeek-V3.2 keep routing: record MoE experts per token
+    max_prompt_len: int | None = None
+    dtype: str = "float32"
+
+
+class RolloutEngine(Protocol):
+    name: str
+
+    def generate(self, prompts: list[str], rows: list[dict], seeds: list[int], spec: SamplingSpec) -> RolloutBatch:
+        """G completions per prompt (grouped, prompt-major); ``seeds[j]`` drives prompt j's group."""
+
+    def update_weights(self, model: torch.nn.Module, version: int) -> None:
+        """The trainer's weights after ``version`` optimizer steps."""
+
+
+class BuiltinEngine:
+    """The built-in sampler on a ``torch.nn.Module``. Colocated with the trainer it generates with the
+    trainer's own module (``update_weights`` is then free); given its own copy (a Ray rollout worker)
+    it loads the trainer's state dict."""
+
+    name = "builtin"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device=None, unsharded=nullcontext):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = device or next(model.parameters()).device
+        self.unsharded = unsharded      # fsdp: gather full weights around generation
+        self.version = 0
+
+    def generate(self, prompts, rows, seeds, spec: SamplingSpec) -> RolloutBatch:
+        from .sampler import rollout
+
+        was_training = self.model.training
+        self.model.eval()
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" else nullcontext()
+        try:
+            with ctx, self.unsharded():
+                batch = rollout(self.model, self.tokenizer, prompts, rows, group_size=spec.group_size,
+                                max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                                top_k=spec.top_k, keep_support=spec.keep_support, max_prompt_len=spec.max_prompt_len,
+                                device=self.device, seeds=seeds, keep_routing=spec.keep_routing)
+        finally:
+            self.model.train(was_training)
+        batch.policy_version = torch.full((len(batch),), self.version, dtype=torch.long)
+        return batch
+
+    def update_weights(self, model, version: int) -> None:
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict() if isinstance(model, torch.nn.Module) else model)
+        self.version = version
+
+
+def make_engine(run) -> RolloutEngine:
+    """The engine named by ``rollout.engine`` for a single-process (or torchrun) run."""
+    from ..train import distributed as D
+
+    name = run.cfg.rollout.engine
+    if name == "builtin":
+        return BuiltinEngine(run.policy, run.tokenizer, run.device, unsharded=lambda: D.unsharded(run))
+    if name == "vllm":
+        from .vllm_engine import VLLMEngine
+
+        return VLLMEngine.from_config(run.cfg, run.model_dir, run.tokenizer)
+    from ..config import ConfigError
+
+    raise ConfigError(f"config key 'rollout.engine': unknown engine '{name}' (choose builtin or vllm).")
