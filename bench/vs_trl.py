@@ -79,7 +79,7 @@ def lmpo_cmd(size: str, model: Path, out: Path, a) -> list[str]:
               max_new_tokens=s["new_tokens"], learning_rate=s["lr"], beta=0, max_steps=a.steps or s["steps"],
               seed=a.seed, threads=a.threads, eval_steps=a.eval_every or s["eval_every"], progress="false",
               save_steps=10**6, log_samples=0, dtype=a.dtype)
-    return [sys.executable, "-m", "lmpo", "train", *[f"{k}={v}" for k, v in kv.items()]]
+    return [sys.executable, "-m", "lmpo", "train", *[f"{k}={v}" for k, v in kv.items()], *a.set]
 
 
 def trl_cmd(size: str, model: Path, out: Path, a) -> list[str]:
@@ -251,14 +251,14 @@ def bench_size(size: str, a, root: Path) -> str:
              f"{s['new_tokens']} new tokens, lr {s['lr']}, beta 0, {steps} steps, threads {a.threads}, seed {a.seed}")
     res = {}
     for tool in a.tools:
-        out = root / f"{size}-{tool}"
+        out = root / f"{size}-{tool}{a.tag}"
         if out.exists():
             import shutil
 
             shutil.rmtree(out)
         cmd = (lmpo_cmd if tool == "lmpo" else trl_cmd)(size, model, out, a)
         print(f"[{size}] {tool}: {' '.join(map(str, cmd))}", flush=True)
-        meas = run_measured(cmd, out, a.threads, root / f"{size}-{tool}.log")
+        meas = run_measured(cmd, out, a.threads, root / f"{size}-{tool}{a.tag}.log")
         if tool == "lmpo":
             rows = read_metrics(out)
             final = json.loads((out / "summary.json").read_text())
@@ -267,7 +267,7 @@ def bench_size(size: str, a, root: Path) -> str:
             rows, final = d["steps"], d["final"]
         res[tool] = summarize(rows, final, meas, a.warmup)
         print(f"[{size}] {tool}: {json.dumps(res[tool])}", flush=True)
-    (root / f"{size}-results.json").write_text(json.dumps({"title": title, **res}, indent=2))
+    (root / f"{size}-results{a.tag}.json").write_text(json.dumps({"title": title, **res}, indent=2))
     return table(size, title, res.get("lmpo", {}), res.get("trl", {}))
 
 
@@ -287,6 +287,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="lmpo's dtype")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="an extra lmpo config override (repeatable), e.g. --set gradient_checkpointing=true")
+    p.add_argument("--tag", default="", help="suffix of the run directories and results file (for variants)")
     p.add_argument("--root", default=str(ROOT / "runs" / "bench_vs_trl"), help="run outputs")
     p.add_argument("--models", default="", help="SFT starts (default: ROOT/models)")
     a = p.parse_args(argv)

@@ -156,6 +156,7 @@ class Config:
     device: str = opt("auto", "cpu, cuda, or auto")
     threads: int | None = opt(None, "torch CPU threads (default: torch's)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    compile: bool = opt(False, "torch.compile the policy (dynamic shapes; the first steps pay the compilation)")
     lora_r: int = opt(0, "LoRA rank through peft (0 = full fine-tuning); the reference is the base with the adapter off")
     algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={"help": "algorithm choices (override the preset)"})
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "critic and reward-KL settings"})

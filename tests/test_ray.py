@@ -130,3 +130,20 @@ def test_killed_worker_past_restarts_stops_with_checkpoint_and_resumes(tiny_dir,
     r2 = run_lmpo([*_ray_run(tiny_dir, out, stopped + 2, restarts=1), "--resume"], tmp_path, timeout=240)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert [m["step"] for m in _metrics(out)][-2:] == [stopped + 1, stopped + 2]
+
+
+def test_scale_out_examples_are_valid_configs():
+    from conftest import REPO
+
+    from lmpo.config import load_config
+    from lmpo.train.ray_backend import check_config
+    from lmpo.train.setup import resolve_algorithm
+
+    ray_cfg = load_config(str(REPO / "examples" / "addition_ray_async.yaml"), [])
+    check_config(ray_cfg)
+    assert ray_cfg.distributed.max_staleness == 1 and resolve_algorithm(ray_cfg).tis_cap == 2.0
+    vllm_cfg = load_config(str(REPO / "examples" / "gsm8k_qwen_vllm.yaml"), [])
+    assert vllm_cfg.rollout.engine == "vllm" and resolve_algorithm(vllm_cfg).tis_cap == 2.0
+    # with another engine and no tis_cap in the config, the loop still turns TIS on
+    assert resolve_algorithm(load_config(None, ["rollout.engine=vllm"])).tis_cap == 2.0
+    assert resolve_algorithm(load_config(None, [])).tis_cap is None

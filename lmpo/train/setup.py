@@ -178,6 +178,8 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     if cfg.lora_r:
         policy = _add_lora(policy, cfg.lora_r, adapter=ckpt / "policy" if ckpt else None)
     policy = D.prepare_model(policy, world)                         # ddp: rank 0's weights; fsdp: sharded
+    if cfg.compile:
+        policy.compile(dynamic=True)                                # in place: the module, its state dict, unchanged
     need_ref = cfg.beta > 0 and algo.kl_placement != "none"
     ref = None
     if need_ref and not cfg.lora_r:  # with LoRA the reference is the base with the adapter disabled
