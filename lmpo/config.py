@@ -107,6 +107,7 @@ class DistributedConfig:
     max_staleness: int = opt(0, "ray: 0 = synchronous; K >= 1 = asynchronous, rollouts from a policy at most K updates old (turns on algo.tis_cap = 2 unless set)")
     ray_address: str | None = opt(None, "ray: address of an existing cluster (default: start a local one)")
     ray_num_cpus: int | None = opt(None, "ray: CPUs of the local cluster (default: one per actor)")
+    ray_rollout_gpus: float = opt(0.0, "ray: GPUs per rollout worker (0 = the worker samples on CPU)")
     ray_timeout_s: float = opt(600.0, "ray: seconds to wait for a rollout or reward before giving up with an error")
     worker_restarts: int = opt(1, "ray: times a dead rollout or reward worker is restarted (its work resubmitted) before the run stops")
 

@@ -60,6 +60,18 @@ class RolloutBatch:
                 out[f.name] = v
         return RolloutBatch(**out)
 
+    def to(self, device) -> "RolloutBatch":
+        """The same batch with every tensor on ``device``."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v.to(device)
+            elif f.name == "routing" and v is not None:
+                v = [r.to(device) for r in v]
+            out[f.name] = v
+        return RolloutBatch(**out)
+
     @staticmethod
     def cat(batches: list["RolloutBatch"]) -> "RolloutBatch":
         """Concatenate batches row-wise (right-padding the token dimension)."""

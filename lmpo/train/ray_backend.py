@@ -86,7 +86,9 @@ def launch(cfg, resume: bool = False) -> dict:
         ray.init(address=d.ray_address, num_cpus=None if d.ray_address else (d.ray_num_cpus or n_actors),
                  include_dashboard=False, logging_level="WARNING")
     learner_gpu = 1 if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else 0
-    bundles = [{"CPU": 1, **({"GPU": learner_gpu} if learner_gpu else {})}] + [{"CPU": 1}] * (n_actors - 1)
+    rollout_gpu = {"GPU": d.ray_rollout_gpus} if d.ray_rollout_gpus else {}
+    bundles = ([{"CPU": 1, **({"GPU": learner_gpu} if learner_gpu else {})}]
+               + [{"CPU": 1, **rollout_gpu}] * d.rollout_workers + [{"CPU": 1}] * d.reward_workers)
     pg = placement_group(bundles, strategy="PACK")
     try:
         ray.get(pg.ready(), timeout=d.ray_timeout_s)
@@ -138,12 +140,13 @@ _PLACEMENT: dict = {}
 class RolloutWorker:
     """A copy of the policy and the built-in engine; weights arrive from the learner."""
 
-    def __init__(self, model_dir: str, tokenizer, threads: int):
+    def __init__(self, model_dir: str, tokenizer, threads: int, gpu: bool = False):
         from ..models.load import load_causal_lm
         from ..rollout.engine import BuiltinEngine
 
         torch.set_num_threads(threads)
-        self.engine = BuiltinEngine(load_causal_lm(model_dir, torch.device("cpu"), trainable=False), tokenizer)
+        device = torch.device("cuda" if gpu else "cpu")
+        self.engine = BuiltinEngine(load_causal_lm(model_dir, device, trainable=False), tokenizer, device)
 
     def pid(self) -> int:
         return os.getpid()
@@ -159,7 +162,7 @@ class RolloutWorker:
         """The batch, or None when this worker does not hold weights ``version`` (it was restarted)."""
         if self.engine.version != version:
             return None
-        return self.engine.generate(prompts, rows, seeds, spec)
+        return self.engine.generate(prompts, rows, seeds, spec).to("cpu")
 
 
 class RewardWorker:
@@ -186,7 +189,7 @@ class _Workers:
     """Actors of one kind with restart-and-resubmit: ``call(i, method, *args)`` runs on worker i
     and, if the worker died, waits for Ray to restart it, runs ``on_restart(i)`` and tries again."""
 
-    def __init__(self, kind: str, cls, n: int, first_bundle: int, cfg, args, on_restart=None):
+    def __init__(self, kind: str, cls, n: int, first_bundle: int, cfg, args, on_restart=None, gpus: float = 0.0):
         ray = _ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -195,7 +198,7 @@ class _Workers:
         pg = _PLACEMENT.get("pg")
         self.actors = []
         for i in range(n):
-            opts = dict(num_cpus=1, max_restarts=cfg.distributed.worker_restarts, max_task_retries=0)
+            opts = dict(num_cpus=1, num_gpus=gpus, max_restarts=cfg.distributed.worker_restarts, max_task_retries=0)
             if pg is not None:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=first_bundle + i)
             self.actors.append(ray.remote(cls).options(**opts).remote(*args))
@@ -276,8 +279,10 @@ class RolloutPool:
         ray = _ray()
         cfg = run.cfg
         self.ray, self.cfg, self.weights, self.version, self.lock = ray, cfg, None, -1, threading.Condition()
+        self.device = run.device
         self.workers = _Workers("rollout", RolloutWorker, cfg.distributed.rollout_workers, 1, cfg,
-                                (run.model_dir, run.tokenizer, 1), on_restart=self._forget)
+                                (run.model_dir, run.tokenizer, 1, cfg.distributed.ray_rollout_gpus > 0),
+                                on_restart=self._forget, gpus=cfg.distributed.ray_rollout_gpus)
         self.sent = [-1] * len(self.workers.actors)              # weights version each worker holds
         self.update_weights(run.policy, run.step)
 
@@ -319,7 +324,7 @@ class RolloutPool:
                 self._forget(i)                                   # restarted between set_weights and generate
             raise WorkerError(f"Ray rollout worker {i} keeps losing its weights (restarted repeatedly).")
 
-        return RolloutBatch.cat(self.workers.map([lambda i=i, p=p: part(i, p) for i, p in enumerate(parts)]))
+        return RolloutBatch.cat(self.workers.map([lambda i=i, p=p: part(i, p) for i, p in enumerate(parts)])).to(self.device)
 
     def close(self):
         self.workers.close()
@@ -337,9 +342,11 @@ class RewardPool:
         G = batch.group_size
         groups = torch.arange(len(batch) // G).tensor_split(len(self.workers.actors))
         parts = [torch.cat([torch.arange(g * G, g * G + G) for g in p.tolist()]) for p in groups if len(p)]
-        outs = self.workers.map([lambda i=i, rows=rows: self.workers.call(i, "score", batch.select(rows))
+        outs = self.workers.map([lambda i=i, rows=rows: self.workers.call(i, "score", batch.select(rows).to("cpu"))
                                  for i, rows in enumerate(parts)])
         restarts = {"ray/worker_restarts": sum(self.workers.restarts) + sum(self.run.engine.workers.restarts)}
+        dev = batch.mask.device
+        outs = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in o.items()} for o in outs]
         if len(outs) == 1:
             out = outs[0]
             batch.rewards, batch.valid, batch.step_rewards, batch.step_ends = (
