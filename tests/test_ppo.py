@@ -40,7 +40,7 @@ def test_adaptive_kl_moves_beta(sft_dir, tmp_path):
     train(cfg)
     rows = read_jsonl(tmp_path / "akl" / "metrics.jsonl")
     betas = [r["beta"] for r in rows]          # the β each step trained with
-    assert rows[0]["kl_reward"] == 0.0
+    assert abs(rows[0]["kl_reward"]) < 1e-6    # policy = reference, up to float rounding of the two forwards
     assert betas[0] == pytest.approx(0.05)
     assert betas[1] == pytest.approx(0.05 * (1 - 0.2 * 16 / 100))
     assert rows[1]["kl_reward"] > 1e-6

@@ -2,7 +2,9 @@
 
 Log-probs are computed for completion tokens only: the model returns logits for the last T+1
 positions (``logits_to_keep``), and log π(a_t) = logit[a_t] − logsumexp(logits), in row chunks so
-no float32 ``[N, T, vocab]`` copy of the whole batch is made at once.
+no float32 ``[N, T, vocab]`` copy of the whole batch is made at once. The G samples of a group
+share their prompt, so it is computed once per group (with a KV cache that the completions attend
+to, gradients flowing through it), not G times.
 """
 
 from __future__ import annotations
@@ -32,7 +34,57 @@ def model_forward(model, batch, T: int, hidden: bool = False, **extra):
     return _model_forward(model, batch, T, hidden, **extra)
 
 
+def prompt_segments(batch) -> torch.Tensor | None:
+    """[N] index of each row's run of consecutive rows with the same prompt (a group, as the rollout
+    lays them out), or None when no prompt repeats (sharing would not save anything)."""
+    ids, m = batch.prompt_ids, batch.prompt_mask
+    if ids.shape[0] < 2:
+        return None
+    new = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new[1:] = (ids[1:] != ids[:-1]).any(-1) | (m[1:] != m[:-1]).any(-1)
+    if bool(new.all()):
+        return None
+    return new.long().cumsum(0) - 1
+
+
+def _can_share_prompt(model, batch, extra) -> bool:
+    """The shared-prompt forward needs a KV cache in training: not with routing replay (the routing
+    tables are per row), gradient checkpointing (HF drops the cache in checkpointed layers) or extra
+    model arguments."""
+    if batch.routing is not None or extra or not batch.prompt_ids.shape[1]:
+        return False
+    return not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def _shared_prompt_forward(model, batch, T: int, seg: torch.Tensor, hidden: bool):
+    """The full forward's logits (and hidden states) at the T positions predicting the completion,
+    computing each distinct prompt once: the prompts run with a cache, the cache's rows are repeated
+    to the batch's rows (``seg``, differentiably), and only completion tokens 0 … T−2 run on top.
+    The positions predicting token 0 are the prompts' last positions."""
+    ids, attn, pos = sequence_inputs(batch)
+    P = batch.prompt_ids.shape[1]
+    first = torch.ones_like(seg, dtype=torch.bool)
+    first[1:] = seg[1:] != seg[:-1]
+    rows = first.nonzero().squeeze(-1)                                          # one row per distinct prompt
+    out = model(input_ids=ids[rows, :P], attention_mask=attn[rows, :P], position_ids=pos[rows, :P], use_cache=True,
+                logits_to_keep=1, output_hidden_states=hidden)
+    logits = out.logits[:, -1:][seg]                                            # [N, 1, V]
+    h = out.hidden_states[-1][:, -1:][seg] if hidden else None
+    if T > 1:
+        cache = out.past_key_values
+        cache.batch_select_indices(seg)
+        out2 = model(input_ids=ids[:, P:P + T - 1], attention_mask=attn[:, :P + T - 1], position_ids=pos[:, P:P + T - 1],
+                     past_key_values=cache, use_cache=True, output_hidden_states=hidden)
+        logits = torch.cat([logits, out2.logits], 1)                            # [N, T, V]
+        if hidden:
+            h = torch.cat([h, out2.hidden_states[-1]], 1)
+    return logits, h
+
+
 def _model_forward(model, batch, T: int, hidden: bool = False, **extra):
+    seg = prompt_segments(batch) if _can_share_prompt(model, batch, extra) else None
+    if seg is not None:
+        return _shared_prompt_forward(model, batch, T, seg, hidden)
     ids, attn, pos = sequence_inputs(batch)
     kw = dict(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False, **extra)
     if hidden:

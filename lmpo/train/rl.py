@@ -342,12 +342,14 @@ def micro_batches(run: Run, idx: torch.Tensor):
 
 
 def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
-    """μ epochs over the batch, each split into ``minibatches`` optimizer steps."""
+    """μ epochs over the batch, each split into ``minibatches`` optimizer steps. Groups are shuffled
+    whole, so a group's rows stay together and its prompt is computed once in the forward."""
     cfg = run.cfg
     sums: dict = {}
     n_updates = 0
+    G = cfg.group_size if len(batch) % cfg.group_size == 0 else 1
     for _ in range(cfg.epochs):
-        perm = torch.randperm(len(batch))
+        perm = (torch.randperm(len(batch) // G)[:, None] * G + torch.arange(G)).reshape(-1)
         for mb_idx in perm.chunk(cfg.minibatches):
             mb = batch.select(mb_idx)
             totals = D.all_sum(run, {"global_tokens": mb.mask.sum(), "global_seqs": (mb.mask.sum(-1) > 0).sum()})
