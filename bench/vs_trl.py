@@ -30,12 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SIZES = {
     # the issue's small setting: the embedded ~1 M Llama, 4 prompts x 8 samples, 8 new tokens
     "small": dict(model=dict(hidden_size=128, num_layers=4, intermediate_size=512),
-                  sft=dict(learning_rate=3e-3, max_steps=3000),
+                  sft=dict(learning_rate=3e-3, max_steps=3000, eval_steps=100),
                   prompts=4, group=8, new_tokens=8, lr=3e-5, steps=200, eval_every=20),
     # ~10 M Llama, 16 prompts x 16 samples, 32 new tokens
     "large": dict(model=dict(hidden_size=320, num_layers=6, intermediate_size=1280),
-                  sft=dict(learning_rate=1e-3, max_steps=2000),
-                  prompts=16, group=16, new_tokens=32, lr=3e-5, steps=60, eval_every=10),
+                  sft=dict(learning_rate=1e-3, max_steps=2000, eval_steps=20),   # stop close to SFT_STOP
+                  prompts=16, group=16, new_tokens=32, lr=3e-5, steps=100, eval_every=10),
 }
 SFT_STOP = 0.55   # SFT until greedy validation accuracy reaches this: RL then has room to reach 0.6 sampled
 TARGET = 0.6
@@ -56,12 +56,30 @@ def sft_start(size: str, models: Path, threads: int) -> Path:
     spec = SIZES[size]
     init = build_tiny(models / f"{size}-init", **spec["model"])
     tmp = out.with_name(out.name + ".tmp")
-    cfg = SFTConfig(model=str(init), output_dir=str(tmp), eval_steps=100, stop_at_accuracy=SFT_STOP,
+    cfg = SFTConfig(model=str(init), output_dir=str(tmp), stop_at_accuracy=SFT_STOP,
                     threads=threads, progress=False, **spec["sft"])
     m = train_sft(cfg)
     print(f"[{size}] SFT: {m['steps']} steps, {m['seconds']} s, last val {m['history'][-1] if m['history'] else None}")
     tmp.rename(out)
     return out
+
+
+def start_accuracy(model_dir: Path, size: str, seed: int) -> dict:
+    """Held-out greedy and sampled accuracy of the SFT start (the evaluator both runs use), cached."""
+    cache = model_dir / f"start_eval_seed{seed}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from lmpo.data import addition_heldout
+    from lmpo.models.load import load_causal_lm, load_tokenizer
+    from lmpo.rewards import addition_exact
+    from lmpo.train.evaluate import evaluate
+
+    m, tok = load_causal_lm(str(model_dir), trainable=False), load_tokenizer(str(model_dir))
+    kw = dict(max_new_tokens=SIZES[size]["new_tokens"], seed=seed)
+    res = {"greedy": evaluate(m, tok, addition_heldout(200), addition_exact, **kw)["accuracy"],
+           "sampled": evaluate(m, tok, addition_heldout(200), addition_exact, temperature=1.0, **kw)["accuracy"]}
+    cache.write_text(json.dumps(res))
+    return res
 
 
 def n_params(model_dir: Path) -> int:
@@ -249,6 +267,8 @@ def bench_size(size: str, a, root: Path) -> str:
     steps = a.steps or s["steps"]
     title = (f"{n_params(model) / 1e6:.1f} M params, {s['prompts']} prompts x {s['group']} samples, "
              f"{s['new_tokens']} new tokens, lr {s['lr']}, beta 0, {steps} steps, threads {a.threads}, seed {a.seed}")
+    start = start_accuracy(model, size, a.seed)
+    title += f"; SFT start: held-out greedy {start['greedy']:.3f}, sampled {start['sampled']:.3f}"
     res = {}
     for tool in a.tools:
         out = root / f"{size}-{tool}{a.tag}"
