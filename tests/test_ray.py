@@ -99,15 +99,21 @@ def _ray_run(tiny_dir, out, steps, restarts, extra=()):
     return args
 
 
-def test_killed_rollout_worker_is_restarted(tiny_dir, tmp_path):
+def _run_and_kill(tiny_dir, tmp_path, steps, restarts, kill_after):
+    """``lmpo train`` on Ray for ``steps`` steps; rollout worker 0 is SIGKILLed after ``kill_after``."""
     out = tmp_path / "run"
     done: dict = {}
-    killer = threading.Thread(target=_kill_rollout_worker_after, args=(out, 3, done), daemon=True)
+    killer = threading.Thread(target=_kill_rollout_worker_after, args=(out, kill_after, done), daemon=True)
     killer.start()
-    r = run_lmpo(_ray_run(tiny_dir, out, 120, restarts=1), tmp_path, timeout=240)
+    r = run_lmpo(_ray_run(tiny_dir, out, steps, restarts=restarts), tmp_path, timeout=240)
     killer.join(timeout=5)
+    assert "pid" in done and done["at"] < steps, "the worker was not killed mid-run"
+    return out, r, done
+
+
+def test_killed_rollout_worker_is_restarted(tiny_dir, tmp_path):
+    out, r, _ = _run_and_kill(tiny_dir, tmp_path, 120, restarts=1, kill_after=3)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "pid" in done and done["at"] < 120, "the worker was not killed mid-run"
     ms = _metrics(out)
     assert [m["step"] for m in ms] == list(range(1, 121))            # no step lost
     assert ms[-1]["ray/worker_restarts"] >= 1
@@ -115,13 +121,7 @@ def test_killed_rollout_worker_is_restarted(tiny_dir, tmp_path):
 
 
 def test_killed_worker_past_restarts_stops_with_checkpoint_and_resumes(tiny_dir, tmp_path):
-    out = tmp_path / "run"
-    done: dict = {}
-    killer = threading.Thread(target=_kill_rollout_worker_after, args=(out, 6, done), daemon=True)
-    killer.start()
-    r = run_lmpo(_ray_run(tiny_dir, out, 400, restarts=0), tmp_path, timeout=240)
-    killer.join(timeout=5)
-    assert "pid" in done
+    out, r, done = _run_and_kill(tiny_dir, tmp_path, 400, restarts=0, kill_after=6)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "rollout worker 0" in r.stderr and "--resume" in r.stderr and "worker_restarts" in r.stderr
     meta = json.loads((out / "checkpoint" / "meta.json").read_text())

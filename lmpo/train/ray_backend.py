@@ -396,7 +396,7 @@ class Prefetch:
         self._collect, self._timer = collect, Timer
 
         def work(step: int):
-            while not self.stop.is_set():
+            while not self.stop.is_set() and step < run.cfg.max_steps:
                 run.engine.wait_version(step - self.K, self.stop)
                 if self.stop.is_set():
                     return
