@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import os
 from pathlib import Path
 
@@ -99,23 +101,44 @@ def embedded_model(progress: bool = True) -> Path:
     return out
 
 
-def merged_state_dict(model) -> dict:
-    """The plain HF state dict of ``model`` (what ``from_pretrained`` of its base would load). For a
-    peft LoRA model: the base weights with each adapter merged in, W + ΔW (peft's
-    ``get_delta_weight``, i.e. scaling · B A), computed without modifying the model."""
+def iter_hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the trainer's weights under their HF checkpoint names, one at a time: DDP
+    unwrapped, FSDP shards gathered (a collective: every rank must iterate), and a peft LoRA adapter
+    merged, W + ΔW (peft's ``get_delta_weight``), one layer at a time and without touching the model."""
+    model = unwrap_ddp(model)
     if not hasattr(model, "peft_config"):
-        return model.state_dict()
+        for name, t in model.state_dict().items():
+            yield name, _full(t)
+        return
     base = model.get_base_model()
-    lora = {name: m for name, m in base.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
-    out = {}
-    for name, v in base.state_dict().items():
+    state = base.state_dict()
+    odd = [n for n in state if "modules_to_save" in n or "original_module" in n or "lora_magnitude" in n]
+    if odd:
+        raise ModelError(f"a rollout engine with its own copy of the weights (vLLM, Ray workers) takes plain HF models "
+                         f"and LoRA adapters merged into them; this peft model has weights it cannot load (e.g. {odd[0]!r}).")
+    lora = {n: m for n, m in base.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    for name, t in state.items():
         if "lora_" in name:
             continue
         module, _, leaf = name.rpartition(".")
         if module.endswith(".base_layer"):
             module = module[: -len(".base_layer")]
-            if leaf == "weight" and module in lora:
-                layer = lora[module]
-                v = v + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-        out[f"{module}.{leaf}"] = v.detach()
-    return out
+            layer = lora.get(module)
+            if leaf == "weight" and layer is not None and not getattr(layer, "merged", False):
+                t = t + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
+        yield f"{module}.{leaf}", _full(t)
+
+
+def hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``iter_hf_weights`` as a dict (name -> tensor)."""
+    return dict(iter_hf_weights(model))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()     # an FSDP2 DTensor: gathered
+
+
+def unwrap_ddp(model):
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -26,7 +26,6 @@ import os
 import shutil
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..models.load import hf_weights, iter_hf_weights, unwrap_ddp
 from .batch import RolloutBatch
 from .engine import SamplingSpec
 
@@ -198,52 +198,9 @@ def sampling_args(spec: SamplingSpec, seed: int) -> dict:
 # ----------------------------------------------------------------------------- trainer weights
 
 
-def iter_hf_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) of the trainer's weights under their HF checkpoint names, one at a time: DDP
-    unwrapped, FSDP shards gathered (a collective: every rank must iterate), and a peft LoRA adapter
-    merged, W + ΔW (peft's ``get_delta_weight``), one layer at a time and without touching the model."""
-    model = _unwrap(model)
-    if not hasattr(model, "peft_config"):
-        for name, t in model.state_dict().items():
-            yield name, _full(t)
-        return
-    base = model.get_base_model()
-    state = base.state_dict()
-    odd = [n for n in state if "modules_to_save" in n or "original_module" in n or "lora_magnitude" in n]
-    if odd:
-        raise ConfigError(f"rollout.engine: vllm takes plain HF models and LoRA adapters merged into them; this peft "
-                          f"model has weights vLLM cannot load (e.g. {odd[0]!r}).")
-    lora = {n: m for n, m in base.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
-    for name, t in state.items():
-        if "lora_" in name:
-            continue
-        module, _, leaf = name.rpartition(".")
-        if module.endswith(".base_layer"):
-            module = module[: -len(".base_layer")]
-            layer = lora.get(module)
-            if leaf == "weight" and layer is not None and not getattr(layer, "merged", False):
-                t = t + sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
-        yield f"{module}.{leaf}", _full(t)
-
-
-def hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``iter_hf_weights`` as a dict (name -> tensor)."""
-    return dict(iter_hf_weights(model))
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()     # an FSDP2 DTensor: gathered
-
-
-def _unwrap(model):
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def _hf_module(model):
     """The transformers ``PreTrainedModel`` whose ``save_pretrained`` writes the (merged) weights."""
-    model = _unwrap(model)
+    model = unwrap_ddp(model)
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
 

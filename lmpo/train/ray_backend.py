@@ -289,9 +289,9 @@ class RolloutPool:
     def update_weights(self, model, version: int):
         """Snapshot the learner's weights into the object store (in the learner's thread, so a
         background collection never reads half-updated parameters)."""
-        from ..models.load import merged_state_dict
+        from ..models.load import hf_weights
 
-        ref = self.ray.put({k: v.detach().cpu().clone() for k, v in merged_state_dict(model).items()})
+        ref = self.ray.put({k: v.cpu().clone() for k, v in hf_weights(model).items()})
         with self.lock:
             self.weights, self.version = ref, version
             self.lock.notify_all()
