@@ -27,10 +27,12 @@ worker, and the loop's crash handler leaves a resumable checkpoint. Nothing wait
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -150,9 +152,6 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
-
-    def version(self) -> int:
-        return self.engine.version
 
     def set_weights(self, state: dict, version: int) -> int:
         self.engine.update_weights(state, version)
@@ -339,19 +338,13 @@ class RewardPool:
                                 1 + run.cfg.distributed.rollout_workers, run.cfg, (run.cfg, run.algo))
 
     def __call__(self, batch) -> dict:
-        G = batch.group_size
-        groups = torch.arange(len(batch) // G).tensor_split(len(self.workers.actors))
-        parts = [torch.cat([torch.arange(g * G, g * G + G) for g in p.tolist()]) for p in groups if len(p)]
+        rows_by_group = torch.arange(len(batch)).view(-1, batch.group_size)               # [groups, G]
+        parts = [p.reshape(-1) for p in rows_by_group.tensor_split(len(self.workers.actors)) if len(p)]
         outs = self.workers.map([lambda i=i, rows=rows: self.workers.call(i, "score", batch.select(rows).to("cpu"))
                                  for i, rows in enumerate(parts)])
         restarts = {"ray/worker_restarts": sum(self.workers.restarts) + sum(self.run.engine.workers.restarts)}
         dev = batch.mask.device
         outs = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in o.items()} for o in outs]
-        if len(outs) == 1:
-            out = outs[0]
-            batch.rewards, batch.valid, batch.step_rewards, batch.step_ends = (
-                out["rewards"], out["valid"], out["step_rewards"], out["step_ends"])
-            return {**out["stats"], **restarts}
         parts_b = []
         for rows, out in zip(parts, outs):
             part = batch.select(rows)
@@ -393,7 +386,6 @@ class Prefetch:
         self.run, self.K = run, max_staleness
         self.ready: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self._collect, self._timer = collect, Timer
 
         def work(step: int):
             while not self.stop.is_set() and step < run.cfg.max_steps:
@@ -404,7 +396,7 @@ class Prefetch:
                     t = Timer()
                     t0 = time.perf_counter()
                     batch, stats = collect(run, t, step=step)
-                    self.ready.put((step, batch, stats, dict(t), time.perf_counter() - t0))
+                    self.ready.put((step, batch, stats, time.perf_counter() - t0))
                 except BaseException as e:  # handed to the loop, which stops with it
                     self.ready.put(e)
                     return
@@ -423,7 +415,7 @@ class Prefetch:
         t["rollout_wait"] = t.get("rollout_wait", 0.0) + time.perf_counter() - t0
         if isinstance(item, BaseException):
             raise item
-        step, batch, stats, _times, collect_s = item
+        step, batch, stats, collect_s = item
         if step != self.run.step:
             raise WorkerError(f"asynchronous collection is out of order: got step {step}, the learner is at {self.run.step}.")
         lag = self.run.step - batch.policy_version.float()
@@ -450,9 +442,6 @@ def attach_workers(run):
     if run.cfg.distributed.max_staleness > 0:
         run.prefetch = Prefetch(run, run.cfg.distributed.max_staleness)
         run.closers.append(run.prefetch.close)
-    import json
-    from pathlib import Path
-
     if run.world.main:                            # who is who, for operators (and the worker-kill test)
         out = Path(run.cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
