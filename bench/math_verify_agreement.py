@@ -1,6 +1,8 @@
 """Agreement of ``math_answer`` with math-verify's own public test suite.
 
-    git clone https://github.com/huggingface/Math-Verify /tmp/Math-Verify
+    pip download math-verify==0.9.0 --no-binary :all: --no-deps -d /tmp/mv && tar xzf /tmp/mv/*.tar.gz -C /tmp/mv
+    python bench/math_verify_agreement.py /tmp/mv/math_verify-0.9.0/tests     # the installed version's tests
+    git clone https://github.com/huggingface/Math-Verify /tmp/Math-Verify    # or the repository's
     python bench/math_verify_agreement.py /tmp/Math-Verify/tests
     python bench/math_verify_agreement.py /tmp/Math-Verify/tests --reward path/to/file.py:func
     python bench/math_verify_agreement.py /tmp/Math-Verify/tests --show all   # every case
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
     if not cases:
         ap.error("no (gold, pred, expected) cases found under %s" % args.tests_dir)
     make = load_reward(args.reward)
+    make(6)(prompts=[""], completions=["\\boxed{1}"], answer=["1"])  # imports, outside the timing
     t0 = time.perf_counter()
     for c in cases:
         reward = make(c.get("precision", 6))
@@ -175,8 +178,10 @@ def main(argv=None) -> int:
     app = [c for c in cases if c["na"] is None]
     na = [c for c in cases if c["na"] is not None]
     name = args.reward or "lmpo math_answer"
-    print("cases: %d from %s (%d applicable, %d not applicable); %.1f ms per case"
-          % (len(cases), args.tests_dir, len(app), len(na), 1000 * seconds / len(cases)))
+    from importlib.metadata import version
+
+    print("cases: %d from %s (%d applicable, %d not applicable); math-verify %s installed; %.1f ms per case"
+          % (len(cases), args.tests_dir, len(app), len(na), version("math-verify"), 1000 * seconds / len(cases)))
     print("%s, all cases:        %s" % (name, figures(cases, "ours")))
     print("%s, applicable cases: %s" % (name, figures(app, "ours")))
     if not args.no_reference:

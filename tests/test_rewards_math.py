@@ -81,6 +81,11 @@ CASES = [
     ("\\left(1,2\\right)", "\\boxed{(1,2)}", R, "\\left( \\right)"),
     ("5", "<think>2+3</think><answer>5</answer>", R, "answer tag"),
     ("5", "<answer>The answer is \\boxed{5}</answer>", R, "box inside answer tag"),
+    ("18", "<think>so the final answer is 20. No: 2 was double counted.</think> The answer is 18.", R,
+     "after </think> only"),
+    ("20", "<think>so the final answer is 20. No: 2 was double counted.</think> The answer is 18.", W,
+     "a discarded thought is not the answer"),
+    ("18", "<think>the sum is \\boxed{18}</think>", R, "nothing after </think>: the whole text"),
     ("12", "\\boxed{\\boxed{12}}", R, "nested box"),
     ("Janet has 3 ducks... 16 - 3 - 4 = 9 eggs, 9 * 2 = 18\n#### 18", "\\boxed{18}", R, "GSM8K gold solution"),
     ("\\boxed{6}", "so it is 6", R, "boxed gold"),
@@ -276,3 +281,24 @@ def test_a_verifier_process_past_its_deadline_is_killed_and_replaced(monkeypatch
         assert pool.score("3", "\\boxed{3}", opts) == 1.0  # a fresh process took the slot
     finally:
         pool.close()
+
+
+def test_number_fast_path_gives_math_verify_verdicts():
+    """Plain numbers skip math-verify's final ``simplify``: the verdicts must not change."""
+    import itertools
+
+    import math_verify
+
+    from lmpo.rewards.math_reward import _numbers_equal, parse_gold
+
+    values = ["3", "3.0", "-3", "0.5", "1/2", "\\frac{1}{2}", "0.3333333", "\\frac{1}{3}", "0.33", "1000",
+              "1,000", "1e3", "2.5", "2,5", "0", "-0.0", "12", "0.0000001", "7"]
+    checked = 0
+    for g, p in itertools.product(values, values):
+        gold, pred = parse_gold(g), parse_completion("\\boxed{%s}" % p)
+        fast = _numbers_equal(gold, pred, 6)
+        if fast is None:
+            continue
+        checked += 1
+        assert fast == math_verify.verify(list(gold), pred, float_rounding=6), (g, p)
+    assert checked >= 300

@@ -2,8 +2,9 @@
 
 ``math_answer`` gives 1.0 when the completion's final answer has the gold answer's value, else 0.0:
 
-1. the completion's text (a string or TRL's chat messages, :func:`lmpo.rewards.text.as_text`); if it
-   has ``<answer>…</answer>``, the last such part only;
+1. the completion's text (a string or TRL's chat messages, :func:`lmpo.rewards.text.as_text`); after
+   a ``</think>``, only what follows it (when not blank); if it has ``<answer>…</answer>``, the last
+   such part only;
 2. a few notations that math-verify misreads are rewritten first (:func:`clean`): thousands
    separators made of spaces or thin spaces (``1\\,000``, ``$1 000$`` would read as 1·0), an upright
    Euler number or imaginary unit (``\\mathrm{e}``, ``\\mathrm{i}`` would be dropped as units, so
@@ -45,6 +46,7 @@ import select
 import subprocess
 import sys
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from fractions import Fraction
@@ -109,6 +111,7 @@ def _has_complete_box(text: str) -> bool:
 
 _mv = None
 _mv_lock = threading.Lock()
+_sympy: dict = {}  # names used per sample, looked up once (a function-level import costs ~1 ms)
 
 
 def _math_verify():
@@ -117,9 +120,13 @@ def _math_verify():
         if _mv is None:
             import math_verify
 
+            import sympy
+            from math_verify.grader import sympy_numeric_eq
+
             for name in ("math_verify", "math_verify.parser", "math_verify.grader", "math_verify.utils",
                          "latex2sympy2_extended"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
+            _sympy.update(Number=sympy.Number, nan=sympy.nan, srepr=sympy.srepr, numeric_eq=sympy_numeric_eq)
             _mv = math_verify
         return _mv
 
@@ -133,6 +140,9 @@ def _configs(latex_only: bool = False):
 def parse_completion(text: str, strict: bool = False, timeout_s: float | None = 5) -> list:
     """math-verify's reading of a completion: a list of sympy objects (and a fallback string)."""
     text = as_text(text)
+    after_thinking = text.rpartition("</think>")[2]
+    if after_thinking.strip():
+        text = after_thinking
     tags = [t for t in _ANSWER_TAG.findall(text) if t.strip()]
     if tags:
         text = tags[-1]
@@ -182,11 +192,48 @@ def is_correct(gold, completion, strict: bool = False, precision: int = 6,
     pred = parse_completion(completion, strict=strict, timeout_s=timeout_s)
     if not pred:
         return False
+    # A group's samples often reach the same answer: compare each (gold, answer) pair once.
+    key = (_gold_text(gold), precision, tuple(_key(p) for p in pred))
+    with _verdicts_lock:
+        if key in _verdicts:
+            _verdicts.move_to_end(key)
+            return _verdicts[key]
     try:
-        return bool(_math_verify().verify(list(gold_parsed), pred, float_rounding=precision,
-                                          timeout_seconds=_seconds(timeout_s)))
+        ok = _numbers_equal(gold_parsed, pred, precision)
+        if ok is None:
+            ok = bool(_math_verify().verify(list(gold_parsed), pred, float_rounding=precision,
+                                            timeout_seconds=_seconds(timeout_s)))
     except Exception:  # noqa: BLE001
-        return False
+        ok = False
+    with _verdicts_lock:
+        _verdicts[key] = ok
+        while len(_verdicts) > 4096:
+            _verdicts.popitem(last=False)
+    return ok
+
+
+def _numbers_equal(gold: tuple, pred: list, precision: int) -> bool | None:
+    """``verify``'s verdict when every parsed item on both sides is a plain number: its steps
+    (``==``, rounding floats to ``precision`` places, a zero difference) without the call to
+    ``simplify``, which is the identity on a difference of two numbers; None otherwise."""
+    Number, nan, sympy_numeric_eq = _sympy["Number"], _sympy["nan"], _sympy["numeric_eq"]
+    g_num = [g for g in gold if not isinstance(g, str)]
+    p_num = [p for p in pred if not isinstance(p, str)]
+    if not g_num or not p_num or not all(isinstance(x, Number) and x != nan for x in g_num + p_num):
+        return None
+    g_str = {g.strip() for g in gold if isinstance(g, str)} - {""}
+    return (any(g == p or sympy_numeric_eq(g, p, precision, 15) or (g - p).is_zero for g in g_num for p in p_num)
+            or any(p.strip() in g_str for p in pred if isinstance(p, str)))
+
+
+_verdicts: OrderedDict = OrderedDict()
+_verdicts_lock = threading.Lock()
+
+
+def _key(parsed) -> str:
+    if isinstance(parsed, str):
+        return "str:" + parsed
+    return _sympy["srepr"](parsed)
 
 
 def _gold_text(gold) -> str:
