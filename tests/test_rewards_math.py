@@ -194,6 +194,21 @@ def test_trl_keywords_chat_messages_and_extra_columns():
     assert math_answer(["a"], ["\\boxed{1}"], answer=["  "]) == [None]
 
 
+def test_an_unreadable_gold_is_a_failure_not_a_zero():
+    """A gold cell math-verify cannot read at all is a data error: NaN (counted and named as a
+    reward failure by the loop), in-process and through the verifier processes alike."""
+    import math
+
+    golds, completions = ["\\boxed{", "$", "3"], ["\\boxed{1}", "\\boxed{1}", "\\boxed{3}"]
+    out = math_answer([""] * 3, completions, answer=golds)
+    assert math.isnan(out[0]) and math.isnan(out[1]) and out[2] == 1.0
+    res = []
+    t = threading.Thread(target=lambda: res.append(math_answer([""] * 3, completions, answer=golds)))
+    t.start()
+    t.join(timeout=300)
+    assert math.isnan(res[0][0]) and math.isnan(res[0][1]) and res[0][2] == 1.0
+
+
 def test_strict_reads_only_the_boxed_answer():
     strict = make_math_answer(strict=True)
     golds = ["42", "42", "42", "\\{1, 2\\}"]

@@ -8,7 +8,8 @@
 2. a few notations that math-verify misreads are rewritten first (:func:`clean`): thousands
    separators made of spaces or thin spaces (``1\\,000``, ``$1 000$`` would read as 1·0), an upright
    Euler number or imaginary unit (``\\mathrm{e}``, ``\\mathrm{i}`` would be dropped as units, so
-   ``2+3\\mathrm{i}`` read as 5), scientific notation (``1.5e3`` would read as 1.5, or 1.5·e·3 in LaTeX);
+   ``2+3\\mathrm{i}`` read as 5), scientific notation (``1.5e3`` would read as 1.5, or 1.5·e·3 in LaTeX),
+   an escaped dollar before a number (``\\$18`` would read as nothing);
 3. extraction is math-verify's own on the whole text (``parse`` with ``LatexExtractionConfig`` with
    ``\\boxed`` first, and ``ExprExtractionConfig``): boxed answers, "final answer is", "answer:",
    LaTeX environments (``$…$``, ``\\(…\\)``, ``\\[…\\]``), then plain numbers and expressions. Several
@@ -21,7 +22,7 @@
 5. comparison is math-verify's ``verify`` (strict about variable names): exact for integers and
    rationals, symbolic for expressions, sets/intervals/tuples element-wise, equations by their sides;
    when either side is a float, both are rounded to ``precision`` decimal places first
-   (|round(a, p) - round(b, p)| = 0), so ``0.333333 = 1/3`` at p = 6 but ``0.33 ≠ 1/3``.
+   (round(a, p) = round(b, p)), so ``0.333333 = 1/3`` at p = 6 but ``0.33 ≠ 1/3``.
 
 Timeouts. math-verify times out with SIGALRM, which works only in the main thread. In the main
 thread the verifier runs in-process with those timeouts (``timeout_s`` per parse and per
@@ -40,6 +41,7 @@ import atexit
 import functools
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -183,21 +185,22 @@ def _seconds(timeout_s):
     return max(1, int(round(timeout_s)))
 
 
-def is_correct(gold, completion, strict: bool = False, precision: int = 6,
-               timeout_s: float | None = 5) -> bool:
-    """True when the completion's final answer has the gold answer's value (in-process)."""
+def score_answer(gold, completion, strict: bool = False, precision: int = 6,
+                 timeout_s: float | None = 5) -> float:
+    """1.0 when the completion's final answer has the gold answer's value, 0.0 when not, NaN
+    when the gold cell itself cannot be read (a data error, counted as a reward failure)."""
     gold_parsed = parse_gold(_gold_text(gold), timeout_s)
     if not gold_parsed:
-        return False
+        return math.nan
     pred = parse_completion(completion, strict=strict, timeout_s=timeout_s)
     if not pred:
-        return False
+        return 0.0
     # A group's samples often reach the same answer: compare each (gold, answer) pair once.
     key = (_gold_text(gold), precision, tuple(_key(p) for p in pred))
     with _verdicts_lock:
         if key in _verdicts:
             _verdicts.move_to_end(key)
-            return _verdicts[key]
+            return 1.0 if _verdicts[key] else 0.0
     try:
         ok = _numbers_equal(gold_parsed, pred, precision)
         if ok is None:
@@ -209,7 +212,7 @@ def is_correct(gold, completion, strict: bool = False, precision: int = 6,
         _verdicts[key] = ok
         while len(_verdicts) > 4096:
             _verdicts.popitem(last=False)
-    return ok
+    return 1.0 if ok else 0.0
 
 
 def _numbers_equal(gold: tuple, pred: list, precision: int) -> bool | None:
@@ -266,7 +269,7 @@ def make_math_answer(strict: bool = False, precision: int = 6, timeout_s: float 
 
     def math_answer(prompts=None, completions=None, answer=None, **kwargs):
         """1.0 when the completion's final answer equals the row's ``answer`` by value, else 0.0;
-        None where the row has no answer. Other keywords (TRL's ``completion_ids``,
+        None where the row has no answer; NaN (a reward failure) where the gold cannot be read. Other keywords (TRL's ``completion_ids``,
         ``trainer_state``, other columns) are accepted and unused."""
         if completions is None:
             raise TypeError("math_answer needs completions=")
@@ -279,7 +282,7 @@ def make_math_answer(strict: bool = False, precision: int = 6, timeout_s: float 
         out = [None] * len(completions)
         if threading.current_thread() is threading.main_thread():
             for i in todo:
-                out[i] = 1.0 if is_correct(answer[i], texts[i], **opts) else 0.0
+                out[i] = score_answer(answer[i], texts[i], **opts)
         else:
             pool = _pool()
             with ThreadPoolExecutor(pool.size) as ex:
@@ -300,7 +303,7 @@ math_answer = make_math_answer()
 class _VerifierPool:
     """Verifier processes (``_serve``) for calls off the main thread; one sample at a time each.
 
-    Protocol: one JSON line ``[gold, completion, opts]`` in, one line ``1``/``0`` out. A process
+    Protocol: one JSON line ``[gold, completion, opts]`` in, one line ``1``/``0``/``nan`` out. A process
     that misses its deadline or dies is killed and replaced on the next call.
     """
 
@@ -320,12 +323,12 @@ class _VerifierPool:
             deadline = _deadline(opts["timeout_s"])
             ready, _, _ = select.select([proc.stdout], [], [], deadline)
             line = proc.stdout.readline().strip() if ready else b""
-            ok = line in (b"0", b"1")
+            ok = line in (b"0", b"1", b"nan")
             if not ok and not self._warned:
                 self._warned = True
                 log.warning("math_answer: a sample took over %.0f s (or its verifier process died); "
                             "it scores 0 and the process is replaced", deadline)
-            return 1.0 if line == b"1" else 0.0
+            return math.nan if line == b"nan" else 1.0 if line == b"1" else 0.0
         except OSError:
             return 0.0
         finally:
@@ -408,7 +411,7 @@ def _kill(proc):
 
 
 def _serve(parent_pid: int | None = None):
-    """Verifier process: answer ``[gold, completion, opts]`` lines with ``1`` or ``0``; exits at
+    """Verifier process: answer ``[gold, completion, opts]`` lines with ``1``, ``0`` or ``nan``; exits at
     the end of stdin, and (Linux) is killed when the thread of the trainer that started it ends."""
     import signal
 
@@ -428,8 +431,8 @@ def _serve(parent_pid: int | None = None):
     for line in sys.stdin.buffer:
         try:
             gold, completion, opts = json.loads(line)
-            ok = is_correct(gold, completion, **opts)
+            score = score_answer(gold, completion, **opts)
         except Exception:  # noqa: BLE001
-            ok = False
-        out.write(b"1\n" if ok else b"0\n")
+            score = 0.0
+        out.write(b"nan\n" if math.isnan(score) else b"1\n" if score == 1.0 else b"0\n")
         out.flush()
