@@ -221,6 +221,9 @@ def test_strict_reads_only_the_boxed_answer():
     assert boxed_answer("\\boxed{1} is what I first wrote but the second line was wrong \\boxed{2} and \\boxed{3}") \
         == "\\boxed{2,3}"
     assert boxed_answer("no box") is None
+    assert boxed_answer("truncated \\boxed{\\frac{1}{2") is None
+    assert boxed_answer("\\boxed{a{b}") is None and boxed_answer("} \\boxed{\\frac{1}{2}}") == "\\boxed{\\frac{1}{2}}"
+    assert strict([""], ["so \\boxed{42"], answer=["42"]) == [0.0]  # a truncated box is not an answer
 
 
 def test_precision_rounds_floats_to_the_given_places():

@@ -94,17 +94,24 @@ def boxed_answer(text: str) -> str | None:
     as ``\\boxed{a,b}``; None without a complete ``\\boxed{…}``/``\\fbox{…}``."""
     if not _has_complete_box(text):
         return None
-    from latex2sympy2_extended.math_normalization import extract_boxed_content
-
-    return "\\boxed{%s}" % extract_boxed_content(text, mode="last")
+    _math_verify()
+    return "\\boxed{%s}" % _sympy["extract_boxed_content"](text, mode="last")
 
 
 def _has_complete_box(text: str) -> bool:
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        depth = 0
-        for ch in text[m.end() - 1:]:
-            depth += (ch == "{") - (ch == "}")
-            if depth == 0:
+    """Whether some ``\\boxed{``/``\\fbox{`` has its closing brace (one pass over the text)."""
+    opens = {m.end() - 1 for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)}
+    depth, pending = 0, []  # pending: brace depth outside each open box
+    for i, ch in enumerate(text):
+        if ch == "{":
+            if i in opens:
+                pending.append(depth)
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            while pending and depth < pending[-1]:
+                pending.pop()
+            if pending and depth == pending[-1]:
                 return True
     return False
 
@@ -123,12 +130,14 @@ def _math_verify():
             import math_verify
 
             import sympy
+            from latex2sympy2_extended.math_normalization import extract_boxed_content
             from math_verify.grader import sympy_numeric_eq
 
             for name in ("math_verify", "math_verify.parser", "math_verify.grader", "math_verify.utils",
                          "latex2sympy2_extended"):
                 logging.getLogger(name).setLevel(logging.CRITICAL)
-            _sympy.update(Number=sympy.Number, nan=sympy.nan, srepr=sympy.srepr, numeric_eq=sympy_numeric_eq)
+            _sympy.update(Number=sympy.Number, nan=sympy.nan, srepr=sympy.srepr, numeric_eq=sympy_numeric_eq,
+                          extract_boxed_content=extract_boxed_content)
             _mv = math_verify
         return _mv
 
