@@ -364,8 +364,9 @@ def _exchange(job: bytes, pipes: list, deadline: float):
                 chunk = os.read(out_r, 1 << 16)
                 if not chunk:
                     return bytes(out), False
-                if len(out) < OUTPUT_MAX:
-                    out += chunk
+                out += chunk
+                if len(out) > OUTPUT_MAX:  # keep the tail: the result line comes last
+                    del out[:len(out) - OUTPUT_MAX]
 
 
 def _wait_exit(pidfd, timeout_s=10.0):
