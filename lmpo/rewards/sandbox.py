@@ -135,11 +135,18 @@ class MemoryCgroups:
             try:
                 with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
                     f.write("+memory")
-            except OSError as e:
-                raise SandboxUnavailable(
-                    "cannot enable the memory controller for child cgroups of %s (%s); run the "
-                    "trainer in a cgroup delegated to it with no other processes in its parent"
-                    % (base, e)) from None
+            except OSError as e:  # "no internal processes": try siblings under the parent
+                parent = os.path.dirname(base)
+                try:
+                    with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                        ok = "memory" in f.read().split() and os.access(parent, os.W_OK)
+                except OSError:
+                    ok = False
+                if not ok:
+                    raise SandboxUnavailable(
+                        "cannot enable the memory controller for child cgroups of %s (%s), nor "
+                        "use its parent; run the trainer in a cgroup delegated to it" % (base, e)) from None
+                self.base = parent
 
     def create(self, name: str, limit_mb: int) -> str:
         path = os.path.join(self.base, name)
@@ -239,7 +246,16 @@ class _Zygote:
                 return reply["pid"], got[0]
 
 
+    def forget(self):
+        """In a forked child of the trainer: the parent's zygote and lock are not ours to use."""
+        self.lock = threading.Lock()
+        if self.sock is not None:
+            self.sock.close()
+        self.proc = self.sock = None
+
+
 _zygote = _Zygote()
+os.register_at_fork(after_in_child=_zygote.forget)
 _cgroups: MemoryCgroups | None = None
 _ready: bool | SandboxUnavailable | None = None
 _check_lock = threading.Lock()
