@@ -61,9 +61,9 @@ def program(prompt, completion, entry_point: str | None = None) -> str:
     """The program to test for one sample. The code is the completion's (a string or TRL chat
     messages; fenced blocks as in :func:`extract_code`). With an ``entry_point``, when the prompt
     is Python that defines it (a HumanEval-style signature + docstring, possibly in a fenced
-    block of a chat message), the prompt comes first: a
-    completion that does not define the entry point continues it (the function body), one that
-    does follows it and replaces the prompt's stub (the prompt's imports and helpers stay)."""
+    block of a chat message), the prompt comes first: a completion that does not define the
+    entry point continues it (the function body); one that does follows it and replaces the
+    prompt's stub (the prompt's imports and helpers stay)."""
     code = extract_code(as_text(completion))
     if not entry_point or prompt is None:
         return code
