@@ -1,6 +1,7 @@
 """Run the hostile corpus (tests/hostile/) through the code sandbox and print the table for
-docs/rewards.md: program, what it tries, expected and actual reward, time, and what was left
-behind. Usage: python bench/hostile_table.py"""
+docs/rewards.md: program, what it tries, what stops it, expected and actual reward, time, peak
+memory of its cgroup, how its units ended, and what was left behind.
+Usage (as root): python bench/hostile_table.py"""
 
 import os
 import sys
@@ -13,11 +14,11 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "hostile"))
 
 import corpus  # noqa: E402
 
-from lmpo.rewards.sandbox import isolation  # noqa: E402
+from lmpo.rewards import sandbox  # noqa: E402
 
 
 def main():
-    iso = isolation()
+    sandbox.check()
     programs = corpus.load_programs()
     with tempfile.TemporaryDirectory() as base:
         stage = corpus.setup(base)
@@ -29,20 +30,21 @@ def main():
         finally:
             corpus.teardown(stage)
     limits = corpus.LIMITS
-    print("isolation: %s; limits: %s CPU s, %s s wall, %s s per test, %s MB address space, %s processes; "
+    print("limits: %s CPU s, %s s wall, %s s per test, %s MB per completion (cgroup), %s processes; "
           "%d programs run concurrently in %.1f s on %d CPUs\n"
-          % (iso.name, limits["cpu_s"], limits["wall_s"], limits["test_timeout_s"], limits["mem_mb"],
+          % (limits["cpu_s"], limits["wall_s"], limits["test_timeout_s"], limits["mem_mb"],
              limits["nproc"], len(programs), total, os.cpu_count()))
-    print("| program | what it tries | expected | reward | time (s) | how it ended |")
-    print("|---|---|---|---|---|---|")
+    print("| program | what it tries | what stops it | expected | reward | time (s) | peak MB | how it ended |")
+    print("|---|---|---|---|---|---|---|---|")
     ok = True
     for o in outcomes:
         reasons = sorted({(r[2] or "passed").split(":")[0] for r in o.results}) or [o.status]
         good = abs(o.reward - o.program.expect) < 1e-9
         ok &= good
-        print("| %s | %s | %.2f | %.2f%s | %.2f | %s |" % (o.program.name, o.program.tries, o.program.expect,
-                                                          o.reward, "" if good else " (WRONG)", o.seconds,
-                                                          ", ".join(reasons)))
+        print("| %s | %s | %s | %.2f | %.2f%s | %.2f | %s | %s |"
+              % (o.program.name, o.program.tries, o.program.stopped_by, o.program.expect, o.reward,
+                 "" if good else " (WRONG)", o.seconds,
+                 "-" if o.peak_mb is None else "%.0f" % o.peak_mb, ", ".join(reasons)))
     print("\nleft behind (processes, files outside the sandbox, connections, harm): %s"
           % ("; ".join(problems) if problems else "nothing"))
     return 0 if ok and not problems else 1

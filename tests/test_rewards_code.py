@@ -1,11 +1,13 @@
-"""code_tests: fraction of tests passed, fenced extraction, test formats, pool, crashes."""
+"""code_tests: fraction of tests passed, fenced extraction, test formats, the prompt prepended to
+HumanEval-style bodies, chat completions, TRL keywords, pool, crashes, the test namespace kept
+apart from the solution's names, and a sandbox that refuses to run without its guarantees."""
 
 
 import pytest
 
-from lmpo.rewards import code_tests
-from lmpo.rewards.code_reward import CodeTests, extract_code
-from lmpo.rewards.sandbox import SandboxLimits, isolation, run_code
+from lmpo.rewards import code_tests, sandbox
+from lmpo.rewards.code_reward import CodeTests, extract_code, program
+from lmpo.rewards.sandbox import SandboxLimits, SandboxUnavailable, run_code
 
 TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(2, 2) == 4\nassert add(0, 5) == 5\n"
 FAST = SandboxLimits(cpu_s=2, wall_s=4, test_timeout_s=2, mem_mb=512)
@@ -112,6 +114,80 @@ def test_output_is_captured_up_to_cap(tmp_path):
     assert r.passed == 1 and len(r.output) == 1000 and r.output.startswith("xxx")
 
 
-def test_isolation_is_detected():
-    iso = isolation()
-    assert iso.name in ("namespaces+uid", "namespaces", "userns", "none")
+def test_sandbox_guarantees_available_here():
+    sandbox.check()  # raises SandboxUnavailable, naming what is missing, where they are not
+
+
+def test_refuses_loudly_without_its_guarantees(monkeypatch):
+    """No root: no namespaces, cgroup or uid change, so no run at all (not a weaker one)."""
+    monkeypatch.setattr(sandbox, "_ready", None)
+    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    with pytest.raises(SandboxUnavailable, match="needs root"):
+        run_code("x = 1", "assert x == 1")
+    with pytest.raises(SandboxUnavailable, match="needs root"):  # the reward too: no NaN per sample
+        CodeTests(FAST)(prompts=["p"], completions=["x = 1"], tests=["assert x == 1"])
+
+
+def test_solution_cannot_shadow_builtins_or_test_helpers(reward):
+    """A solution's top-level `sorted`, `abs`, `set`, `len` or a test helper's name must not
+    replace what the tests call; the wrong `add` then scores 0 (it scored 0.75 before)."""
+    tests = ("def close(a, b):\n    return abs(a - b) < 1e-9\n\n"
+             "assert sorted(set([add(2, 1), add(1, 2)])) == [3]\n"
+             "assert abs(add(-3, 1)) == 2\nassert len(str(add(10, 5))) == 2\n"
+             "assert close(add(0.5, 0.25), 0.75)\n")
+    hostile = ("def sorted(x):\n    return [3]\ndef abs(x):\n    return 2\ndef set(x):\n    return x\n"
+               "def len(x):\n    return 2\ndef str(x):\n    return x\ndef close(a, b):\n    return True\n"
+               "def add(a, b):\n    return None\n")
+    honest = "def add(a, b):\n    return a + b\n"
+    assert reward(["p"] * 2, [hostile, honest], tests=[tests] * 2) == [0.0, 1.0]
+
+
+def test_entry_point_may_shadow_a_builtin(reward):
+    """The entry point itself is the one solution name a test may call under a builtin's name."""
+    sol = "def max(xs):\n    return -1 if not xs else sorted(xs)[-1]\n"
+    assert reward(["p"], [sol], tests=["assert max([]) == -1\nassert max([3, 1]) == 3\n"],
+                  entry_point=["max"]) == [1.0]
+
+
+HE_PROMPT = ('from typing import List\n\n\ndef helper(x: int) -> int:\n    return x * 10\n\n\n'
+             'def scale(xs: List[int]) -> List[int]:\n    """Multiply each element by ten."""\n')
+HE_TEST = "def check(candidate):\n    assert candidate([1, 2]) == [10, 20]\n    assert candidate([]) == []\n"
+
+
+def test_humaneval_body_and_full_function(reward):
+    """A body-only continuation gets the prompt prepended; a full function (plain or in a chat
+    message with a fence) replaces the prompt's stub and keeps its imports and helpers."""
+    body = "    return [helper(x) for x in xs]\n"
+    full = "def scale(xs: List[int]) -> List[int]:\n    return [helper(x) for x in xs]\n"
+    chat = [{"role": "assistant", "content": "Sure:\n```python\n%s```\nDone." % full}]
+    wrong = "    return xs\n"
+    out = reward(prompts=[HE_PROMPT] * 4, completions=[body, full, chat, wrong],
+                 tests=[HE_TEST] * 4, entry_point=["scale"] * 4)
+    assert out == [1.0, 1.0, 1.0, 0.0]
+    assert program(HE_PROMPT, body, "scale") == HE_PROMPT + body
+    assert program(HE_PROMPT, full, "scale") == HE_PROMPT + "\n" + full
+    assert program("Write a function scale(xs).", full, "scale") == full  # prose prompt: nothing prepended
+    assert program(HE_PROMPT, body) == body  # no entry point: nothing prepended
+
+
+def test_chat_prompts_and_completions(reward):
+    prompt = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "add two numbers"}]
+    comp = [{"role": "assistant", "content": "```python\ndef add(a, b):\n    return a + b\n```"}]
+    assert reward(prompts=[prompt], completions=[comp], tests=[TESTS]) == [1.0]
+
+
+def test_trailing_check_call_runs_the_check_once(reward):
+    """`check(entry_point)` at the end of a test file is not run again before the unit: a
+    solution whose second call answers differently still passes the one check."""
+    sol = "calls = [0]\ndef once():\n    calls[0] += 1\n    return calls[0]\n"
+    tests = "def check(candidate):\n    assert candidate() == 1\n\ncheck(once)\n"
+    assert reward(["p"], [sol], tests=[tests], entry_point=["once"]) == [1.0]
+    assert reward.last_results[0].total == 1
+
+
+def test_trl_keywords_and_unused_ones(reward):
+    """Columns by keyword; TRL's other keywords (completion_ids, trainer_state, log_metric, ...) ignored."""
+    out = reward(prompts=["p"], completions=["def add(a, b):\n    return a + b\n"], completion_ids=[[1, 2]],
+                 tests=[TESTS], entry_point=[None], trainer_state={"global_step": 3}, log_metric=print,
+                 log_extra=print, answer=["unused column"])
+    assert out == [1.0]

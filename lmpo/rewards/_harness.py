@@ -1,19 +1,29 @@
-"""The trusted half of the code sandbox: runs the tests, never the solution.
+"""The trusted half of the code sandbox: makes the sandbox and runs the tests, never the solution.
 
-Started by ``lmpo.rewards.sandbox`` as ``[unshare ...] python -I -S _harness.py`` with the job
-(JSON) on stdin. It prints one line, ``<nonce> <json result>``, on stdout. The nonce is fresh
-per run and only the trainer and this process know it.
+``python -I -S _harness.py zygote`` is a fork server started once by ``lmpo.rewards.sandbox``
+(root, host namespaces, scrubbed environment, stdin = a unix socketpair). Per run the trainer
+sends it a header (work dir, sandbox uid, limits, memory cgroup; never the tests) and two pipe
+ends; it forks, the child ``unshare``s new mount, PID, network, IPC and UTS namespaces and
+forks the harness, PID 1 of the new PID namespace, and the zygote hands the trainer a pidfd
+of that child. The harness:
 
-The solution never executes in this process. It runs in a separate process (``_server.py``)
-under another user id (when we are root) and with resource limits; this process executes
-the tests and, when a test calls a solution function, sends the arguments to that process and
-gets back *plain data* (ints, strings, lists, ... rebuilt here from JSON, never unpickled).
-So a solution that calls ``sys.exit(0)`` or ``os._exit``, prints "PASSED", redefines
-builtins or the test helpers, or monkeypatches anything, only changes its own process: the
-verdict of each test is the outcome of the test code running here. Each test unit (top-level
-``assert``, ``test_*`` function, or ``check(candidate)``) runs in a fresh namespace with a
-per-unit deadline; a solution process that dies or hangs is killed and restarted for the
-next unit.
+1. builds a new root (``_make_root``): a size-capped tmpfs with read-only binds of the system
+   dirs and the interpreter, a fresh /work, /tmp and /dev/shm, five device nodes and a /proc
+   of the new PID namespace (``hidepid=2``); ``pivot_root`` into it and detach the old root:
+   no path in the namespace leads to the host's files any more;
+2. forks the solution's server process *before reading the job* (so the tests are not in its
+   memory): it joins the run's memory cgroup, takes rlimits and ``no_new_privs``, drops to
+   the run's uid and serves the solution (``_server.py``);
+3. reads the job (nonce, code, tests) on stdin and runs each test unit here, in a fresh
+   namespace that holds the solution's names as remote handles, and prints one line,
+   ``<nonce> <json result>``, on the pipe the trainer reads.
+
+The solution never executes in this process: when a test calls a solution function, the
+arguments go to the server and *plain data* comes back (rebuilt from JSON, never unpickled).
+So a solution that calls ``sys.exit(0)`` or ``os._exit``, prints "PASSED", redefines builtins
+or the test helpers, or monkeypatches anything, changes only its own process: the verdict of
+each unit is the outcome of the test code running here. A server that dies or hangs is killed
+and a fresh interpreter is exec'd for the next unit.
 """
 
 import ast
@@ -24,89 +34,170 @@ import os
 import resource
 import select
 import signal
+import socket
 import sys
 import time
 import types
 
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
-PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 4096, 16384, 1 << 18
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+DEVICES = ("null", "zero", "full", "random", "urandom")
 MAX_LINE = 32 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_notes = []
+
+
+def _check(rc, what):
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
 
 
 def _prctl(option, arg):
     return _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0)
 
 
-def _mount(source, target, fstype, flags, data):
+def _mount(source, target, fstype, flags, data=None):
     enc = lambda s: None if s is None else s.encode()  # noqa: E731
-    rc = _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "mount %s on %s: %s" % (fstype or source, target, os.strerror(err)))
+    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+           "mount %s on %s" % (fstype or source, target))
+
+
+def _pivot_root(new, old):
+    fn = getattr(_libc, "pivot_root", None)
+    if fn is not None:
+        _check(fn(new.encode(), old.encode()), "pivot_root")
+    else:
+        nr = SYS_PIVOT_ROOT[os.uname().machine]
+        _check(_libc.syscall(ctypes.c_long(nr), new.encode(), old.encode()), "pivot_root")
+
+
+# ----------------------------------------------------------------------------- zygote
+
+
+def zygote(sock):
+    """Fork a fresh sandbox per request; never read a job (only headers pass through here)."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the namespace parents are reaped by the kernel
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
+        except OSError:
+            return
+        if not msg:
+            return
+        try:
+            header = json.loads(msg)
+            pid = os.fork()
+            if pid == 0:
+                sock.close()
+                _namespace_parent(header, *fds)  # never returns
+            pidfd = os.pidfd_open(pid)
+            socket.send_fds(sock, [json.dumps({"pid": pid}).encode()], [pidfd])
+            os.close(pidfd)
+        except Exception as e:  # noqa: BLE001 - tell the trainer, keep serving
+            sock.send(json.dumps({"error": "%s: %s" % (type(e).__name__, e)}).encode())
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
+def _namespace_parent(header, job_fd, out_fd):
+    """Child of the zygote: enter new namespaces, fork the harness (PID 1), wait for it."""
+    code = 127
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS),
+               "unshare")
+        pid = os.fork()
+        if pid == 0:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # killing this parent kills the namespace
+            os.dup2(job_fd, 0)
+            os.dup2(out_fd, 1)
+            os.dup2(out_fd, 2)
+            os.closerange(3, 65536)
+            os._exit(harness(header))
+        os.close(job_fd)
+        os.close(out_fd)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status) & 0xFF
+    except BaseException as e:  # noqa: BLE001
+        try:
+            os.write(out_fd, ("sandbox setup failed: %s: %s\n" % (type(e).__name__, e)).encode())
+        except OSError:
+            pass
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------- filesystem
 
 
-def _setup_filesystem(job):
-    """Private tmpfs over the world-writable dirs and the work dir (only in our mount ns)."""
-    workdir, size = job["workdir"], "%dm" % job["limits"]["tmpfs_mb"]
-    if not job["mount_ns"]:
-        os.chdir(workdir)
-        return
-    _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
-    for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock"):
-        if os.path.isdir(d) and not os.path.islink(d) and os.stat(d).st_mode & 0o002:
-            try:
-                _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, "size=%s,mode=1777" % size)
-            except OSError as e:
-                _notes.append(str(e))
-    os.makedirs(workdir, mode=0o755, exist_ok=True)
-    _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, "size=%s,mode=1777" % size)
-    os.chdir(workdir)
-    if job.get("uid") is not None:
-        _expose_python()
+def _make_root(header):
+    """A new root for the whole namespace; the host's files become unreachable."""
+    root, uid = header["workdir"], header["uid"]
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV,
+           "size=%dm,mode=755" % header["limits"]["tmpfs_mb"])
+    ro = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV
 
+    def bind(src, read_only=True):
+        dst = root + src
+        if os.path.isdir(src):
+            os.makedirs(dst, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            open(dst, "w").close()
+        _mount(src, dst, None, MS_BIND | MS_REC)
+        if read_only:
+            _mount(None, dst, None, ro)
 
-def _expose_python():
-    """Let the sandbox user reach the interpreter when it lives under a private dir (/root).
-
-    For every ancestor of the interpreter's prefixes that others cannot traverse, mount a
-    tmpfs (mode 755) over it in our mount namespace and bind the one child we need back in.
-    The host is unchanged; the rest of that private dir stays invisible to the sandbox.
-    """
-    needed = {os.path.realpath(p) for p in
-              (sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(sys.executable))}
-    blocked = {}  # ancestor -> set of child names needed
-    for p in needed:
-        parts = p.strip("/").split("/")
-        for i in range(len(parts)):
-            anc = "/" + "/".join(parts[:i])
-            if anc != "/" and not os.stat(anc).st_mode & 0o001:
-                blocked.setdefault(anc, set()).add(parts[i])
-    for anc in sorted(blocked, key=len):
-        fds = {c: os.open(os.path.join(anc, c), os.O_PATH) for c in blocked[anc]}
-        _mount("tmpfs", anc, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-        for child, fd in fds.items():
-            dst = os.path.join(anc, child)
-            if os.path.isdir("/proc/self/fd/%d" % fd):
-                os.mkdir(dst)
-            else:
-                open(dst, "w").close()
-            _mount("/proc/self/fd/%d" % fd, dst, None, MS_BIND | MS_REC, None)
-            os.close(fd)
+    bound = []
+    for d in SYSTEM_DIRS:
+        if os.path.islink(d):
+            os.symlink(os.readlink(d), root + d)
+        elif os.path.isdir(d):
+            bind(d)
+            bound.append(d)
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    for p in sorted(prefixes):  # the interpreter's own tree when it lives outside the system dirs
+        if not any(p == b or p.startswith(b + "/") for b in bound):
+            bind(p)
+            bound.append(p)
+    if os.path.isfile("/etc/ld.so.cache"):
+        bind("/etc/ld.so.cache")
+    for name in DEVICES:
+        bind("/dev/" + name, read_only=False)
+    os.symlink("/proc/self/fd", root + "/dev/fd")
+    for d, mode in (("/tmp", 0o1777), ("/dev/shm", 0o1777), ("/work", 0o700), ("/proc", 0o555)):
+        os.makedirs(root + d, exist_ok=True)
+        os.chmod(root + d, mode)
+    os.chown(root + "/work", uid, uid)
+    _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
+    os.mkdir(root + "/.old")
+    _pivot_root(root, root + "/.old")
+    os.chdir("/")
+    _check(_libc.umount2(b"/.old", MNT_DETACH), "umount old root")
+    os.rmdir("/.old")
+    os.chdir("/work")
 
 
 # ----------------------------------------------------------------------------- tests
 
 
 def split_tests(tests, entry_point):
-    """-> (preamble code object, [(label, code object)]). Tests are trusted dataset text."""
+    """-> (preamble code object, [(label, code object)]). Tests are trusted dataset text.
+
+    A test file's top-level ``assert``s and ``test_*`` functions are the units; without them
+    a ``check(candidate)`` function is the one unit. Top-level calls of ``check(...)`` (the
+    trailing ``check(entry_point)`` of HumanEval-style files) are dropped from the preamble,
+    so the check runs once, as the unit."""
     if isinstance(tests, list):
         units = [("test[%d]" % i, compile(t, "test[%d]" % i, "exec")) for i, t in enumerate(tests)]
         return compile("", "preamble", "exec"), units
@@ -118,6 +209,9 @@ def split_tests(tests, entry_point):
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test"):
             preamble.append(node)
             units.append((node.name + "()", ast.parse("%s()" % node.name).body[0]))
+        elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+              and isinstance(node.value.func, ast.Name) and node.value.func.id == "check"):
+            continue
         else:
             if isinstance(node, ast.FunctionDef) and node.name == "check":
                 check = node
@@ -146,49 +240,65 @@ class RemoteError(Exception):
 class SolutionProcess:
     """The untrusted server process and its pipes. Everything it sends is checked data."""
 
-    def __init__(self, job, server_src):
-        self.job = job
-        self.server_src = server_src
+    def __init__(self, header, cgroup_fd):
+        self.header = header
+        self.cgroup_fd = cgroup_fd
         self.proc_pid = None
+        self.ready = False  # the solution's code has run in the current server
         self.names = {}
         self.init_error = None
         self.next_id = 1
         self.buf = b""
+        self.out_fd = os.open("/.output", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
-    def start(self):
+    def spawn(self, fresh):
+        """Fork the server. ``fresh=False`` (only before the job is read) runs the server in
+        the forked copy of this interpreter; ``fresh=True`` execs a new interpreter, so no
+        memory of this process (the tests) reaches the solution."""
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
-        out_fd = os.open("output.txt", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         null_fd = os.open("/dev/null", os.O_RDONLY)
-        limits, uid = self.job["limits"], self.job.get("uid")
+        limits, uid = self.header["limits"], self.header["uid"]
         pid = os.fork()
-        if pid == 0:  # child: limits, user, then exec a fresh interpreter (no harness memory)
+        if pid == 0:  # child: cgroup, limits, user, then the server
             try:
                 os.setsid()
-                high = [os.dup(fd) for fd in (null_fd, out_fd, out_fd, req_r, resp_w)]
+                os.write(self.cgroup_fd, b"0")  # join the run's memory cgroup (children inherit it)
+                high = [os.dup(fd) for fd in (null_fd, self.out_fd, self.out_fd, req_r, resp_w)]
                 for target, fd in enumerate(high):  # high copies first: no fd clobbers another
                     os.dup2(fd, target, inheritable=True)
                 os.closerange(5, 65536)
-                _prctl(PR_SET_NO_NEW_PRIVS, 1)
+                for sig in (signal.SIGALRM, signal.SIGPIPE, signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_DFL)
+                _check(_prctl(PR_SET_NO_NEW_PRIVS, 1), "no_new_privs")
                 _apply_limits(limits, solution=True)
-                if uid is not None:
-                    os.setgroups([])
-                    os.setgid(uid)
-                    os.setuid(uid)
-                env = {"PATH": "/usr/bin:/bin", "HOME": os.getcwd(), "TMPDIR": os.getcwd(),
-                       "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0",
-                       "PYTHONUNBUFFERED": "1"}
-                os.execve(sys.executable, [sys.executable, "-I", "-u", "-c", self.server_src, "3", "4"], env)
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                os.environ.clear()
+                os.environ.update({"PATH": "/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp",
+                                   "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1",
+                                   "PYTHONHASHSEED": "0", "PYTHONUNBUFFERED": "1"})
+                if fresh:
+                    os.execve(sys.executable, [sys.executable, "-I", "-u", "-c", SERVER_SRC, "3", "4"],
+                              dict(os.environ))
+                _prctl(PR_SET_DUMPABLE, 1)  # its own /proc/self, as after an exec
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                _codec["_main"](3, 4)
             finally:
                 os._exit(127)
-        for fd in (req_r, resp_w, out_fd, null_fd):
+        for fd in (req_r, resp_w, null_fd):
             os.close(fd)
         self.proc_pid, self.req_w, self.resp_r, self.buf = pid, req_w, resp_r, b""
-        self._send({"id": 0, "op": "init", "code": self.job["code"]})
+
+    def init(self, code):
+        self._send({"id": 0, "op": "init", "code": code})
         reply = self._recv(0)
         self.names, self.init_error = reply.get("names"), str(reply.get("error") or "")[:300]
         if type(self.names) is not dict:
             raise ProtocolError("bad init reply")
+        self.ready = True
 
     def alive(self):
         return self.proc_pid is not None
@@ -203,7 +313,7 @@ class SolutionProcess:
             except OSError:
                 pass
         _kill_all_but_me()
-        self.proc_pid = None
+        self.proc_pid, self.ready = None, False
 
     def _send(self, obj):
         data = memoryview((json.dumps(obj) + "\n").encode())
@@ -298,70 +408,24 @@ def _apply_limits(limits, solution):
                   (resource.RLIMIT_FSIZE, limits["fsize_mb"] * mb),
                   (resource.RLIMIT_NPROC, limits["nproc"])]
     for res, val in pairs:
-        try:
-            resource.setrlimit(res, (val, val))
-        except (ValueError, OSError):
-            soft, hard = resource.getrlimit(res)
-            if hard == resource.RLIM_INFINITY or val <= hard:
-                raise
-            resource.setrlimit(res, (hard, hard))
+        resource.setrlimit(res, (val, val))
 
 
 def _kill_all_but_me():
-    """As init of our PID namespace, kill(-1) reaches every other process in it and nothing
-    outside. Without a PID namespace, kill what we can find below us (we are a subreaper)."""
-    me = os.getpid()
-    for _ in range(50):
-        if me == 1:
-            try:
-                os.kill(-1, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        else:
-            for pid in _descendants(me):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        _reap()
-        if not _children_exist():
-            return
-        time.sleep(0.01)
-
-
-def _descendants(root):
-    parent = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name) as f:
-                    stat = f.read()
-                parent[int(name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, frontier = [], {root}
-    while frontier:
-        frontier = {p for p, pp in parent.items() if pp in frontier}
-        out += list(frontier)
-    return out
-
-
-def _reap():
-    while True:
+    """As init of our PID namespace, kill(-1) reaches every other process in it and nothing outside."""
+    for _ in range(500):
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _children_exist():
-    try:
-        pid, _ = os.waitpid(-1, os.WNOHANG)
-    except ChildProcessError:
-        return False
-    return True
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        while True:  # reap
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                break
+        time.sleep(0.002)
 
 
 # ----------------------------------------------------------------------------- main
@@ -371,10 +435,9 @@ def _alarm(signum, frame):
     raise Deadline("test timed out")
 
 
-def run_units(job, server_src):
-    limits = job["limits"]
+def run_units(job, header, proc):
+    limits = header["limits"]
     preamble, units = split_tests(job["tests"], job.get("entry_point"))
-    proc = SolutionProcess(job, server_src)
     t_end = time.monotonic() + limits["wall_s"]
     per_test = limits["test_timeout_s"]
     results, init_error = [], None
@@ -388,7 +451,9 @@ def run_units(job, server_src):
         ok, why = False, ""
         try:
             if not proc.alive():
-                proc.start()
+                proc.spawn(fresh=True)
+            if not proc.ready:
+                proc.init(job["code"])
                 init_error = init_error or proc.init_error
             ns = _namespace(proc, job.get("entry_point"))
             exec(preamble, ns)
@@ -410,6 +475,9 @@ def run_units(job, server_src):
 
 
 def _namespace(proc, entry_point):
+    """The test namespace: the solution's names as plain data or remote handles, except names of
+    builtins (a solution's ``sorted`` or ``abs`` must not replace the one the tests call; the
+    entry point is the exception), then the tests' own preamble on top (its helpers win)."""
     ns = {"__name__": "__tests__", "__builtins__": builtins}
     module = types.ModuleType("solution")
     last_callable = None
@@ -423,39 +491,42 @@ def _namespace(proc, entry_point):
         else:
             value = RemoteObject(proc, ["name", name])
             last_callable = value
-        ns[name] = value
         setattr(module, name, value)
+        if name == entry_point or not hasattr(builtins, name):
+            ns[name] = value
     sys.modules["solution"] = module
-    ns["__candidate__"] = ns.get(entry_point, last_callable) if entry_point else last_callable
+    ns["__candidate__"] = getattr(module, entry_point, last_callable) if entry_point else last_callable
     return ns
 
 
-def main():
+def harness(header):
+    """PID 1 of the sandbox's namespaces: build the root, start the server, run the job."""
     _prctl(PR_SET_DUMPABLE, 0)  # no ptrace / /proc/<pid>/{mem,fd,environ} from the sandbox
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    raw = b""
-    while True:
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            break
-        raw += chunk
-    job = json.loads(raw)
-    nonce = job.pop("nonce")
     result_fd = os.dup(1)  # the result goes here; prints of the test code go to stderr
     os.dup2(2, 1)
-    out = {"passed": 0, "total": 0, "results": [], "output": "", "notes": _notes, "init_error": None}
+    out = {"passed": 0, "total": 0, "results": [], "output": "", "init_error": None}
+    nonce = ""
     try:
-        _apply_limits(job["limits"], solution=False)
-        _setup_filesystem(job)  # after this, files under /tmp (a checkout there) are hidden: use SERVER_SRC
-        results, out["init_error"] = run_units(job, SERVER_SRC)
+        _apply_limits(header["limits"], solution=False)
+        cgroup_fd = os.open(header["cgroup_procs"], os.O_WRONLY)
+        _make_root(header)
+        proc = SolutionProcess(header, cgroup_fd)
+        proc.spawn(fresh=False)  # before the job (and its tests) is read
+        raw = b""
+        while True:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                break
+            raw += chunk
+        job = json.loads(raw)
+        nonce = job.pop("nonce")
+        results, out["init_error"] = run_units(job, header, proc)
         out["results"] = results
         out["total"] = len(results)
         out["passed"] = sum(1 for r in results if r[1])
-        try:
-            with open("output.txt", "rb") as f:
-                out["output"] = f.read(job["limits"]["output_cap"]).decode("utf-8", "replace")
-        except OSError:
-            pass
+        os.lseek(proc.out_fd, 0, os.SEEK_SET)
+        with open("/.output", "rb") as f:
+            out["output"] = f.read(header["limits"]["output_cap"]).decode("utf-8", "replace")
     except BaseException as e:  # report harness trouble instead of dying silently
         out["harness_error"] = "%s: %s" % (type(e).__name__, e)
     finally:
@@ -466,9 +537,11 @@ def main():
 
 _codec = {}
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_server.py")) as _f:
-    SERVER_SRC = _f.read()  # read before the private mounts are made
+    SERVER_SRC = _f.read()  # read once, by the zygote, before any sandbox exists
 exec(compile(SERVER_SRC, "_server.py", "exec"), _codec)
 encode, decode, Unencodable = _codec["encode"], _codec["decode"], _codec["Unencodable"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:] == ["zygote"]:
+        zygote(socket.socket(fileno=0))
+    sys.exit(0)

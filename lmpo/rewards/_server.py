@@ -1,7 +1,8 @@
 """The untrusted half of the code sandbox: runs the solution and answers calls with plain data.
 
-This file is run as ``python -I -c <this source> REQ_FD RESP_FD`` by the trusted harness
-(``_harness.py``), inside the sandbox, under the sandbox user id and resource limits. It
+The trusted harness (``_harness.py``) runs ``_main`` in a forked copy of itself (made before
+it read the tests), or as ``python -I -c <this source> REQ_FD RESP_FD`` (a fresh interpreter,
+after a crash), inside the sandbox, under the sandbox user id and resource limits. It
 executes the candidate solution once, then serves requests, one JSON object per line:
 
     {"id": n, "op": "call",    "target": T, "args": [...], "kwargs": [[k, v], ...]}
@@ -90,12 +91,13 @@ def decode(v, depth=0):
     raise ValueError("unknown tag %r" % (tag,))
 
 
-def _main():  # pragma: no cover - runs inside the sandbox
+def _main(req_fd=None, resp_fd=None):  # pragma: no cover - runs inside the sandbox
     import builtins
     import os
     import sys
 
-    req_fd, resp_fd = int(sys.argv[1]), int(sys.argv[2])
+    if req_fd is None:
+        req_fd, resp_fd = int(sys.argv[1]), int(sys.argv[2])
     sys.setrecursionlimit(10000)
     handles = {}
     reader = os.fdopen(req_fd, "rb", buffering=1 << 16)

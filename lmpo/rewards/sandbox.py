@@ -1,55 +1,62 @@
 """Run untrusted code against trusted tests, contained. Trainer side of the code sandbox.
 
-One run = one fresh temporary directory + one process tree:
+One run = one completion against all its tests, in its own namespaces and memory cgroup:
 
-    trainer ──(stdin: job JSON)──► unshare --net --pid --mount --fork --kill-child --mount-proc
-                                       └─ python -I -S _harness.py   (trusted, PID 1 of the namespace)
-                                            └─ python -I -c _server.py (the solution, uid N, rlimits)
+    trainer ──(socketpair: header + 2 pipe ends)──► zygote (python -I -S _harness.py zygote, root, started once)
+       │                                                └─ fork + unshare(mount, PID, net, IPC, UTS) ──► pidfd to the trainer
+       │── job on a pipe (nonce, code, tests) ─────────────── └─ harness: PID 1, new root, runs the tests
+       ◄── "<nonce> <json>" on a pipe ──────────────────────────── └─ server: the solution; uid N, rlimits, memory cgroup
 
-* ``--net``: a network namespace with only a downed loopback: no connection goes anywhere.
-* ``--pid --fork --kill-child``: the harness is init of a fresh PID namespace. When it exits
-  or is killed, the kernel kills every process left in the namespace, setsid'd daemons
-  included; ``--kill-child`` kills it if ``unshare`` itself is killed.
-* ``--mount --mount-proc``: private tmpfs mounts over the work dir, /tmp, /var/tmp and /dev/shm
-  (size-capped, gone with the namespace) and a /proc that shows only the sandbox.
-* when the trainer is root, the solution runs under a random unprivileged uid: host files
-  are read-only to it, it cannot signal, ptrace or read the harness, and RLIMIT_NPROC counts
-  only its own processes.
-* rlimits on the solution: CPU time, address space, processes, open files, file size.
-* the environment is replaced, not inherited.
-* the trainer kills the whole process group after the wall limit (+ grace), and always
-  removes the temporary directory.
+Guarantees (each is checked by the hostile corpus, tests/hostile/):
 
-Where namespaces are not permitted, the fallbacks are a user namespace (``unshare --user
---map-root-user``: same isolation minus the uid change) and then no namespace at all: a new
-session, rlimits (RLIMIT_NPROC against fork bombs), and a harness that is a child subreaper
-and kills every descendant it finds. The last one has NO network isolation and says so in
-a warning, once.
+* the tests run in the harness, the solution in the server; only plain data crosses, and the
+  solution's names cannot replace the builtins or the helpers the tests call;
+* the solution's filesystem is a fresh tmpfs root: read-only system dirs (/usr, /lib*, /bin,
+  /sbin) and the interpreter's own tree, /dev/{null,zero,full,random,urandom}, a /proc of its
+  PID namespace that hides other users' processes, and writable /work, /tmp, /dev/shm of at
+  most ``tmpfs_mb``. No dataset, checkout, home, cache or socket file of the host is in it;
+* no network (a new network namespace, loopback down), no IPC with the host (a new IPC
+  namespace: SysV and POSIX IPC objects live and die with it), no signals or ptrace beyond its
+  own processes (a new PID namespace, a random unprivileged uid, a non-dumpable harness);
+* ``mem_mb`` bounds the memory of all the solution's processes together (a memory cgroup per
+  run, swap included where the kernel accounts it), besides per-process rlimits;
+* nothing is left behind: the namespace's processes die with its PID 1, its IPC objects and
+  mounts with the namespaces, the cgroup and the empty work dir are removed by the trainer.
+
+The sandbox needs root (in a container is fine): namespaces, the uid change and the memory
+cgroup need it. Where any of these cannot be had, :func:`check` raises
+:class:`SandboxUnavailable` saying which; nothing runs with weaker isolation.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import secrets
-import shutil
+import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
 
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py")
-# The real interpreter, not a virtualenv's link to it: the venv may live under /tmp, which the
-# sandbox covers with a private tmpfs, and the harness and solution need no site-packages (-I -S).
+# The real interpreter, not a virtualenv's link to it: the sandbox binds the interpreter's own
+# tree into its root and runs without site-packages (-I -S).
 PYTHON = os.path.realpath(sys.executable)
-_UNSHARE = ["--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
+SANDBOX_UID_MIN = 10**6
+OUTPUT_MAX = 16 << 20  # bytes read from the harness pipe at most (result line + test prints)
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox's guarantees cannot be given on this machine (the message says which)."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,11 @@ class SandboxLimits:
     cpu_s: float = 5.0          # CPU seconds per solution process (RLIMIT_CPU)
     wall_s: float = 10.0        # wall-clock seconds for all tests of one run
     test_timeout_s: float = 5.0  # wall-clock seconds per test unit
-    mem_mb: int = 1024          # address space of the solution process (RLIMIT_AS)
-    nproc: int = 32             # processes of the sandbox user (RLIMIT_NPROC)
+    mem_mb: int = 1024          # memory of all the run's processes together (cgroup); also RLIMIT_AS of each
+    nproc: int = 32             # processes of the sandbox user (RLIMIT_NPROC; the uid is unique per run)
     nofile: int = 64            # open files (RLIMIT_NOFILE)
     fsize_mb: int = 16          # largest file it may write (RLIMIT_FSIZE), its output file too
-    tmpfs_mb: int = 64          # size of each private tmpfs (work dir, /tmp, ...)
+    tmpfs_mb: int = 64          # size of the sandbox's root tmpfs (/work, /tmp, /dev/shm together)
     output_cap: int = 8192      # bytes of the solution's stdout/stderr kept in the result
 
 
@@ -77,62 +84,211 @@ class SandboxResult:
     output: str = ""
     init_error: str | None = None
     detail: str = ""
+    peak_mb: float | None = None  # peak memory of the run's cgroup (all solution processes)
 
     @property
     def fraction(self) -> float:
         return self.passed / self.total if self.total else 0.0
 
 
-# ----------------------------------------------------------------------------- isolation
+# ----------------------------------------------------------------------------- memory cgroup
 
 
-@dataclass(frozen=True)
-class Isolation:
-    name: str            # "namespaces+uid", "namespaces", "userns", "none"
-    prefix: tuple        # command prefix before the interpreter
-    mount_ns: bool
-    drop_uid: bool
+class MemoryCgroups:
+    """Per-run child cgroups of the trainer's own memory cgroup (cgroup v1 or v2)."""
 
-
-_isolation: Isolation | None = None
-_isolation_lock = threading.Lock()
-
-
-def _candidates():
-    unshare = shutil.which("unshare")
-    out = []
-    if unshare:
-        if os.geteuid() == 0:
-            out.append(Isolation("namespaces+uid", (unshare, *_UNSHARE), True, True))
-            out.append(Isolation("namespaces", (unshare, *_UNSHARE), True, False))
-        out.append(Isolation("userns", (unshare, "--user", "--map-root-user", *_UNSHARE), True, False))
-    out.append(Isolation("none", (), False, False))
-    return out
-
-
-def isolation() -> Isolation:
-    """The strongest isolation that works here, found once by running a real probe job."""
-    global _isolation
-    with _isolation_lock:
-        if _isolation is None:
-            for cand in _candidates():
-                r = _run(cand, "def f():\n    return 41 + 1\n", "assert f() == 42\n", None,
-                         SandboxLimits(wall_s=20, test_timeout_s=20), None)
-                if r.status == "ok" and r.passed == 1:
-                    _isolation = cand
+    def __init__(self):
+        v1_path = v2_path = None
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                hid, ctrls, path = line.rstrip("\n").split(":", 2)
+                if hid == "0" and ctrls == "":
+                    v2_path = path
+                elif "memory" in ctrls.split(","):
+                    v1_path = path
+        mounts = []
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                fields, after = pre.split(), post.split()
+                mounts.append((fields[3], fields[4], after[0], after[2].split(",") if len(after) > 2 else []))
+        base = None
+        if v1_path is not None:
+            for root, mnt, fstype, opts in mounts:
+                if fstype == "cgroup" and "memory" in opts:
+                    base, self.v2 = mnt + _relative(v1_path, root), False
                     break
-                log.info("sandbox isolation %r unavailable: %s %s", cand.name, r.status, r.detail)
-            if _isolation.name == "none":
-                warnings.warn(
-                    "lmpo code sandbox: Linux namespaces are not permitted here (unshare failed), "
-                    "so sandboxed code runs WITHOUT network isolation and without a PID namespace; "
-                    "only rlimits, a new session and descendant-killing contain it. Run as root or "
-                    "enable unprivileged user namespaces for full isolation.",
-                    RuntimeWarning, stacklevel=2)
-            elif not _isolation.drop_uid:
-                log.warning("lmpo code sandbox: isolation %r (no separate uid for solutions)",
-                            _isolation.name)
-        return _isolation
+        if base is None and v2_path is not None:
+            for root, mnt, fstype, _ in mounts:
+                if fstype == "cgroup2":
+                    base, self.v2 = mnt + _relative(v2_path, root), True
+                    break
+        if base is None or not os.path.isdir(base):
+            raise SandboxUnavailable("no memory cgroup found (/proc/self/cgroup and /proc/self/mountinfo "
+                                     "name no memory controller); the sandbox needs one to bound a "
+                                     "completion's memory")
+        self.base = base
+        if self.v2:
+            with open(os.path.join(base, "cgroup.controllers")) as f:
+                if "memory" not in f.read().split():
+                    raise SandboxUnavailable("cgroup v2 at %s has no memory controller" % base)
+            try:
+                with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory")
+            except OSError as e:  # "no internal processes": try siblings under the parent
+                parent = os.path.dirname(base)
+                try:
+                    with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                        ok = "memory" in f.read().split() and os.access(parent, os.W_OK)
+                except OSError:
+                    ok = False
+                if not ok:
+                    raise SandboxUnavailable(
+                        "cannot enable the memory controller for child cgroups of %s (%s), nor "
+                        "use its parent; run the trainer in a cgroup delegated to it" % (base, e)) from None
+                self.base = parent
+
+    def create(self, name: str, limit_mb: int) -> str:
+        path = os.path.join(self.base, name)
+        os.mkdir(path)
+        limit = str(limit_mb << 20)
+        try:
+            if self.v2:
+                _write(path, "memory.max", limit)
+                _write(path, "memory.swap.max", "0", optional=True)
+            else:
+                _write(path, "memory.limit_in_bytes", limit)
+                _write(path, "memory.memsw.limit_in_bytes", limit, optional=True)
+        except OSError:
+            self.remove(path)
+            raise
+        return path
+
+    def peak_mb(self, path: str):
+        for name in ("memory.peak", "memory.max_usage_in_bytes"):
+            try:
+                with open(os.path.join(path, name)) as f:
+                    return int(f.read()) / (1 << 20)
+            except (OSError, ValueError):
+                pass
+        return None
+
+    @staticmethod
+    def remove(path: str) -> bool:
+        for _ in range(200):  # busy only while the killed processes finish exiting
+            try:
+                os.rmdir(path)
+                return True
+            except FileNotFoundError:
+                return True
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    break
+                time.sleep(0.01)
+        log.warning("code sandbox: could not remove cgroup %s", path)
+        return False
+
+
+def _relative(path, mount_root):
+    if mount_root != "/" and path.startswith(mount_root):
+        path = path[len(mount_root):]
+    return path if path.startswith("/") else "/" + path
+
+
+def _write(cg, name, value, optional=False):
+    try:
+        with open(os.path.join(cg, name), "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        if not optional:
+            raise
+
+
+# ----------------------------------------------------------------------------- zygote
+
+
+class _Zygote:
+    """The fork server: started once, forks a fresh sandbox per run (saves two interpreter starts)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.proc = None
+        self.sock = None
+
+    def _start(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+        self.proc = subprocess.Popen([PYTHON, "-I", "-S", HARNESS, "zygote"], stdin=theirs,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     env=env, cwd="/", close_fds=True, start_new_session=True)
+        theirs.close()
+        self.sock = ours
+
+    def spawn(self, header: dict, fds: list) -> tuple:
+        """-> (pid, pidfd) of the sandbox's outermost process."""
+        with self.lock:
+            for attempt in range(2):
+                if self.proc is None or self.proc.poll() is not None:
+                    self._start()
+                try:
+                    socket.send_fds(self.sock, [json.dumps(header).encode()], fds)
+                    msg, got, _, _ = socket.recv_fds(self.sock, 1 << 16, 1)
+                except OSError:
+                    if attempt:
+                        raise
+                    self.proc = None  # it died: start another
+                    continue
+                reply = json.loads(msg or b'{"error": "zygote exited"}')
+                if "error" in reply:
+                    for fd in got:
+                        os.close(fd)
+                    raise OSError(reply["error"])
+                return reply["pid"], got[0]
+
+
+    def forget(self):
+        """In a forked child of the trainer: the parent's zygote and lock are not ours to use."""
+        self.lock = threading.Lock()
+        if self.sock is not None:
+            self.sock.close()
+        self.proc = self.sock = None
+
+
+_zygote = _Zygote()
+os.register_at_fork(after_in_child=_zygote.forget)
+_cgroups: MemoryCgroups | None = None
+_ready: bool | SandboxUnavailable | None = None
+_check_lock = threading.Lock()
+
+
+def check() -> None:
+    """Make sure the sandbox can give its guarantees here (once per process): raise
+    :class:`SandboxUnavailable` naming what is missing, else return. Runs a real probe job."""
+    global _ready, _cgroups
+    with _check_lock:
+        if _ready is None:
+            try:
+                if os.geteuid() != 0:
+                    raise SandboxUnavailable(
+                        "the code sandbox needs root (uid 0, e.g. in a container): it creates "
+                        "namespaces, a memory cgroup and a separate uid per run; this process has "
+                        "uid %d" % os.geteuid())
+                _cgroups = MemoryCgroups()
+                probe = MemoryCgroups.remove(_cgroups.create("lmpo-sbx-probe-" + secrets.token_hex(4), 64))
+                if not probe:
+                    raise SandboxUnavailable("cannot remove a memory cgroup under %s" % _cgroups.base)
+                r = _run("def f():\n    return 41 + 1\n", "assert f() == 42\n", None,
+                         SandboxLimits(wall_s=30, test_timeout_s=30), None)
+                if r.status != "ok" or r.passed != 1:
+                    raise SandboxUnavailable("the sandbox's probe job failed (%s): %s"
+                                             % (r.status, r.detail or r.results))
+                _ready = True
+            except SandboxUnavailable as e:
+                _ready = e
+            except OSError as e:
+                _ready = SandboxUnavailable("code sandbox setup failed: %s" % e)
+        if _ready is not True:
+            raise _ready
 
 
 # ----------------------------------------------------------------------------- running
@@ -140,53 +296,106 @@ def isolation() -> Isolation:
 
 def run_code(code: str, tests, *, entry_point: str | None = None,
              limits: SandboxLimits | None = None, tmp_root: str | None = None) -> SandboxResult:
-    """Run ``code`` against ``tests`` (a test-file string or a list of test snippets)."""
-    return _run(isolation(), code, tests, entry_point, limits or SandboxLimits(), tmp_root)
+    """Run ``code`` against ``tests`` (a test-file string or a list of test snippets).
+    Raises :class:`SandboxUnavailable` where the sandbox's guarantees cannot be given."""
+    check()
+    return _run(code, tests, entry_point, limits or SandboxLimits(), tmp_root)
 
 
-def _run(iso: Isolation, code, tests, entry_point, limits, tmp_root) -> SandboxResult:
+def _run(code, tests, entry_point, limits, tmp_root) -> SandboxResult:
     t0 = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="lmpo-sbx-", dir=tmp_root)
     nonce = secrets.token_hex(16)
-    uid = 10**6 + secrets.randbelow(2**31 - 10**6 - 2) if iso.drop_uid else None
-    job = {"nonce": nonce, "code": code, "tests": tests, "entry_point": entry_point,
-           "limits": asdict(limits), "workdir": workdir, "mount_ns": iso.mount_ns, "uid": uid}
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"}
-    cmd = [*iso.prefix, PYTHON, "-I", "-S", HARNESS]
+    uid = SANDBOX_UID_MIN + secrets.randbelow(2**31 - SANDBOX_UID_MIN - 2)
+    workdir = tempfile.mkdtemp(prefix="lmpo-sbx-", dir=tmp_root)  # the new root's mount point
+    cg = pidfd = None
+    pipes = []
     try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, cwd=workdir, env=env,
-                                start_new_session=True, close_fds=True)
-    except OSError as e:
-        shutil.rmtree(workdir, ignore_errors=True)
-        return SandboxResult(0, 0, "error", time.monotonic() - t0, detail="spawn failed: %s" % e)
-    try:
+        cg = _cgroups.create("lmpo-sbx-" + nonce[:16], limits.mem_mb)
+        job_r, job_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pipes = [job_w, out_r]
+        header = {"workdir": workdir, "uid": uid, "limits": asdict(limits),
+                  "cgroup_procs": os.path.join(cg, "cgroup.procs")}
         try:
-            out, err = proc.communicate(json.dumps(job).encode(), timeout=limits.wall_s + 2.0)
-        except subprocess.TimeoutExpired:
-            _killpg(proc)
-            proc.communicate()
-            return SandboxResult(0, 0, "timeout", time.monotonic() - t0,
-                                 detail="killed after %.1fs wall" % (limits.wall_s + 2.0))
-        return _parse(out, err, nonce, proc.returncode, time.monotonic() - t0)
+            _, pidfd = _zygote.spawn(header, [job_r, out_w])
+        finally:
+            os.close(job_r)
+            os.close(out_w)
+        job = json.dumps({"nonce": nonce, "code": code, "tests": tests, "entry_point": entry_point})
+        out, timed_out = _exchange(job.encode(), pipes, t0 + limits.wall_s + 3.0)
+        if timed_out:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        _wait_exit(pidfd)
+        res = _parse(out, nonce, time.monotonic() - t0)
+        if timed_out:
+            res = SandboxResult(0, 0, "timeout", time.monotonic() - t0,
+                                detail="killed after %.1fs wall" % (limits.wall_s + 3.0))
+        res.peak_mb = _cgroups.peak_mb(cg)
+        return res
+    except OSError as e:
+        return SandboxResult(0, 0, "error", time.monotonic() - t0, detail="sandbox failed: %s" % e)
     finally:
-        _killpg(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        for fd in pipes:
+            os.close(fd)
+        if pidfd is not None:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            _wait_exit(pidfd)
+            os.close(pidfd)
+        if cg is not None:
+            MemoryCgroups.remove(cg)
+        os.rmdir(workdir)
 
 
-def _killpg(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
+def _exchange(job: bytes, pipes: list, deadline: float):
+    """Write the job, read the harness's output until EOF or the deadline. -> (bytes, timed_out).
+    ``pipes`` is [job_w, out_r]; job_w is closed (and dropped from the list) once written."""
+    job_w, out_r = pipes
+    os.set_blocking(job_w, False)
+    data, out = memoryview(job), bytearray()
+    poller = select.poll()
+    poller.register(out_r, select.POLLIN)
+    poller.register(job_w, select.POLLOUT)
+    writing = True
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return bytes(out), True
+        for fd, ev in poller.poll(left * 1000):
+            if fd == job_w:
+                try:
+                    data = data[os.write(job_w, data[:1 << 16]):]
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:
+                    data = data[:0]
+                if not data and writing:
+                    poller.unregister(job_w)
+                    os.close(job_w)
+                    pipes.remove(job_w)
+                    writing = False
+            else:
+                chunk = os.read(out_r, 1 << 16)
+                if not chunk:
+                    return bytes(out), False
+                out += chunk
+                if len(out) > OUTPUT_MAX:  # keep the tail: the result line comes last
+                    del out[:len(out) - OUTPUT_MAX]
 
 
-def _parse(out: bytes, err: bytes, nonce: str, rc, seconds) -> SandboxResult:
-    for line in out.decode("utf-8", "replace").splitlines():
+def _wait_exit(pidfd, timeout_s=10.0):
+    """Wait until the sandbox's outermost process has exited; it waits for its PID 1, whose
+    exit takes every process of the namespace with it."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    p.poll(timeout_s * 1000)
+
+
+def _parse(out: bytes, nonce: str, seconds) -> SandboxResult:
+    text = out.decode("utf-8", "replace")
+    for line in text.splitlines():
         head, _, body = line.partition(" ")
         if head == nonce:
             try:
@@ -198,5 +407,5 @@ def _parse(out: bytes, err: bytes, nonce: str, rc, seconds) -> SandboxResult:
                 return res
             except (ValueError, KeyError, TypeError):
                 break
-    tail = err.decode("utf-8", "replace")[-500:]
-    return SandboxResult(0, 0, "error", seconds, detail="no result (rc=%s): %s" % (rc, tail))
+    tail = "\n".join(ln for ln in text.splitlines() if not ln.startswith(nonce))[-500:]
+    return SandboxResult(0, 0, "error", seconds, detail="no result: %s" % tail)

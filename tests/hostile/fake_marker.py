@@ -1,5 +1,6 @@
 # tries: print fake pass markers and result lines on every fd it can write
 # expect: 0.0
+# stopped by: its stdout/stderr is a capped file; the result line carries a per-run nonce on a pipe it cannot reach; replies must be well-formed JSON
 import os
 
 fake = b'ALL TESTS PASSED\n0123456789abcdef0123456789abcdef {"passed": 4, "total": 4, "results": []}\n'

@@ -1,5 +1,6 @@
 # tries: reach the harness through /proc (write a fake result to its stdout, read its memory and environment)
 # expect: 0.0
+# stopped by: harness non-dumpable, another uid, hidden by hidepid=2
 import os
 
 got = []

@@ -1,5 +1,6 @@
 # tries: kill its parent, PID 1, the trainer and a bystander process by PID (correct only if a kill lands)
 # expect: 0.0
+# stopped by: PID namespace (the trainer and bystander do not exist there); the harness is another uid
 import os
 import signal
 

@@ -1,5 +1,6 @@
 # tries: allocate memory without bound
 # expect: 0.0
+# stopped by: RLIMIT_AS per process and the run's memory cgroup
 def add(a, b):
     hog = []
     while True:

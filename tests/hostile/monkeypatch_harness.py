@@ -1,5 +1,6 @@
 # tries: redefine the assert helper, the test functions, builtins and AssertionError
 # expect: 0.0
+# stopped by: tests run in the harness, not in the server: patches change only the server
 import builtins
 import sys
 

@@ -1,5 +1,6 @@
 # tries: connect to a TCP server the test runs on the host's loopback (correct only if it connects)
 # expect: 0.0
+# stopped by: new network namespace (its loopback is down and is not the host's)
 import socket
 
 

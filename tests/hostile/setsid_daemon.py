@@ -1,5 +1,6 @@
 # tries: double-fork a setsid daemon that sleeps on after the run (the honest answer still counts)
 # expect: 1.0
+# stopped by: PID namespace: every process dies with the harness (PID 1)
 import os
 import sys
 

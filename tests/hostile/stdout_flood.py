@@ -1,5 +1,6 @@
 # tries: flood stdout and stderr without end
 # expect: 0.0
+# stopped by: RLIMIT_FSIZE on its output file (SIGXFSZ/EFBIG), output capped in the result
 import sys
 
 

@@ -1,5 +1,5 @@
-# The trusted tests every hostile program is scored against: 4 units
-# (2 test functions using a helper, 2 top-level asserts).
+# The trusted tests every hostile program is scored against: 5 units
+# (2 test functions using a helper, 3 top-level asserts, one of them calling builtins).
 
 
 def check_eq(a, b):
@@ -16,3 +16,4 @@ def test_negative():
 
 assert add(10, 5) == 15
 assert add(0, 0) == 0
+assert sorted(set([add(2, 1), abs(add(-3, 1))])) == [2, 3]
