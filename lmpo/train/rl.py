@@ -113,13 +113,13 @@ def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, 
         return run.prefetch.next(t)
     cfg, algo = run.cfg, run.algo
     kept, dropped, rounds, zero_std, n_groups, stats = [], [], 0, 0, 0, {}
-    need = cfg.prompts_per_step
+    need, state = cfg.prompts_per_step, reward_state(run, step)      # the trainer_state reward functions get
     while True:
         with t("rollout"):
             batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size),
                            rounds, step)
         with t("reward"):
-            stats = merge_sums(stats, run.scorer(batch, reward_state(run, step)))
+            stats = merge_sums(stats, run.scorer(batch, state))
         flat = A.zero_std_groups(torch.nan_to_num(batch.rewards, nan=0.0), cfg.group_size)        # [B]
         zero_std += int(flat.sum())
         n_groups += flat.numel()
@@ -167,8 +167,8 @@ def sampling_spec(run: Run) -> SamplingSpec:
 
 
 def reward_state(run: Run, step: int | None = None):
-    """The ``trainer_state`` reward functions get: steps done before this batch, max_steps, and the
-    passes over the prompt dataset so far."""
+    """The ``trainer_state`` reward functions get: steps done before this one, max_steps, and the
+    passes over the prompt dataset before this step's prompts."""
     from ..rewards.combine import TrainerState
 
     stream = run.prompts
