@@ -158,7 +158,7 @@ def test_sys_exit_and_hanging_rewards_are_reported(lmpo_train):
 
 def test_reward_signature_errors_name_the_missing_column(lmpo_train):
     _one_paragraph(*lmpo_train(reward_funcs=["rewards.py:needs_solution"]), "'needs_solution'",
-                   "needs the argument 'solution'", "the columns are: answer, completion")
+                   "needs the argument 'solution'", "the columns are: answer)")
     _one_paragraph(*lmpo_train(reward_funcs=["rewards.py:positional"]), "'positional'", "needs the argument 'p'")
 
 

@@ -120,7 +120,7 @@ def test_all_six_trl_rewards_run_in_lmpo_train_with_trl_values(chat_model, tmp_p
 
 
 def test_chat_and_string_forms():
-    rows = [{"prompt": [{"role": "user", "content": "hi"}], "a": 1}, {"prompt": "plain", "b": 2}]
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "a": 1, "completion": "z"}, {"prompt": "plain", "b": 2}]
     prompts, completions, columns = reward_inputs(rows, ["x", "y"])
     assert prompts == [rows[0]["prompt"], "plain"]
     assert completions == [[{"role": "assistant", "content": "x"}], "y"]

@@ -169,12 +169,13 @@ def reward_inputs(rows: list[dict], completions: list[str]) -> tuple[list, list,
     ``prompts``: each row's ``prompt`` as stored (a string, or a list of chat messages).
     ``completions``: the text, or ``[{"role": "assistant", "content": text}]`` where the row's
     prompt is chat messages. ``columns``: every other column of the rows, one list each (None
-    where a row lacks it).
+    where a row lacks it); as in TRL, a dataset's ``completion`` and ``completion_ids`` columns
+    are not passed.
     """
     prompts = [r["prompt"] for r in rows]
     comps = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
              for p, c in zip(prompts, completions)]
-    keys = list(dict.fromkeys(k for r in rows for k in r if k != "prompt"))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "completion", "completion_ids")))
     clash = [k for k in keys if k in RESERVED]
     if clash:
         raise RewardError("dataset column %r has the name of a keyword that reward functions get (%s); "
