@@ -40,7 +40,7 @@ def _jsonable(x):
 
 
 class RemoteReward:
-    """A reward function that POSTs each batch to ``url``; TRL's signature."""
+    """A reward function that POSTs each batch to ``url``; called with TRL's keywords."""
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
                  name: str | None = None, headers: dict | None = None):
