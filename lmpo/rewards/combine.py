@@ -340,14 +340,11 @@ def call_all(funcs, kwargs: dict, timeout_s: float | None = None, max_workers: i
     done: queue.SimpleQueue = queue.SimpleQueue()
     started: dict[int, float] = {}
 
-    def finish(i, t0, fn):
+    def run_sync(i, t0):
         try:
-            done.put((i, fn(), None, time.perf_counter() - t0))
+            done.put((i, funcs[i][1](**kwargs), None, time.perf_counter() - t0))
         except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, never raised here
             done.put((i, None, e, time.perf_counter() - t0))
-
-    def run_sync(i, t0):
-        finish(i, t0, lambda: funcs[i][1](**kwargs))
 
     async def run_async(i, t0):
         try:
