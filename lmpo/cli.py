@@ -117,8 +117,9 @@ def cmd_eval(argv):
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
     sources, weights = reward_sources(cfg)
 
-    def reward_fn(prompts, completions, **cols):
-        return compute_rewards(sources, weights, prompts, completions, cols).rewards
+    def reward_fn(prompts, completions, completion_ids=None, **cols):
+        return compute_rewards(sources, weights, prompts, completions, cols, completion_ids=completion_ids,
+                               timeout_s=cfg.reward_timeout_s).rewards
 
     res = {"greedy_accuracy": evaluate(model, tok, rows, reward_fn, max_new_tokens=cfg.max_new_tokens)["accuracy"],
            "sampled_accuracy": evaluate(model, tok, rows, reward_fn, max_new_tokens=cfg.max_new_tokens,

@@ -126,6 +126,8 @@ class Config:
     reward_url: str | None = opt(None, "HTTP endpoint used as a reward source (POST JSON batches)")
     reward_errors: str = opt("skip", "a reward function failing on a sample: skip the sample (no gradient, logged) or raise", ["skip", "raise"])
     reward_workers: int = opt(4, "threads computing reward functions concurrently")
+    reward_timeout_s: float = opt(300.0, "seconds a reward function may take on one batch; past it, that batch counts as failed for it")
+    reward_fail_steps: int = opt(3, "stop (exit 2) when a reward source fails or returns None on every sample of this many consecutive steps (0 = never)")
     algorithm: str = opt("grpo", "preset of algorithm choices", list(ALGORITHMS))
     group_size: int = opt(8, "G: samples per prompt")
     prompts_per_step: int = opt(8, "prompts per RL step (a step has prompts_per_step x group_size samples)")
@@ -342,9 +344,10 @@ def validate(cfg):
     if isinstance(cfg, Config):
         for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate",
                     "temperature", "save_steps", "eval_samples", "reward_workers", "micro_batch_size", "threads",
-                    "max_prompt_len", "max_grad_norm"):
+                    "max_prompt_len", "max_grad_norm", "reward_timeout_s"):
             positive(key, getattr(cfg, key))
-        for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r"):
+        for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r",
+                    "reward_fail_steps"):
             positive(key, getattr(cfg, key), strict=False)
         if not 0 < cfg.top_p <= 1:
             raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")

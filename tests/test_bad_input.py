@@ -21,6 +21,18 @@ def short(prompts, completions, **kw):
     return [1.0, 0.0, 1.0]
 def scalar(prompts, completions, **kw):
     return 1.0
+def none(prompts, completions, **kw):
+    return [None] * len(completions)
+def exits(prompts, completions, **kw):
+    import sys
+    sys.exit(0)
+def hangs(prompts, completions, **kw):
+    import time
+    time.sleep(30)
+def needs_solution(prompts, completions, solution, **kw):
+    return [1.0] * len(completions)
+def positional(p, c):
+    return [1.0] * len(c)
 NOT_A_FUNCTION = 3
 '''
 
@@ -33,7 +45,8 @@ def lmpo_train(sft_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "rewards.py").write_text(REWARDS)
 
     def run(*args, **overrides):
-        argv = ["train", *rl_overrides(sft_dir, tmp_path / "out", max_steps=1, log_samples=0, **overrides), *args]
+        argv = ["train", *rl_overrides(sft_dir, tmp_path / "out", **{"max_steps": 1, "log_samples": 0, **overrides}),
+                *args]
         capsys.readouterr()
         code = main(argv)
         err = capsys.readouterr().err
@@ -114,6 +127,39 @@ def test_skipped_failures_do_not_stop_the_run(lmpo_train, tmp_path):
     assert code == 0, err
     row = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["reward/invalid"] == 1 and row["reward/nan/failures"] == 1
+
+
+def test_a_source_failing_on_every_sample_stops_the_run(lmpo_train, tmp_path):
+    code, err = lmpo_train(reward_funcs=["rewards.py:raises"], max_steps=5, reward_fail_steps=2)
+    _one_paragraph(code, err, "'raises'", "every sample of 2 consecutive steps (steps 1-2)",
+                   "KeyError: 'no such column: solution'", "reward_fail_steps (now 2", "reward_timeout_s")
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 1  # step 2 stopped it
+    _one_paragraph(*lmpo_train(reward_funcs=["rewards.py:none"], max_steps=5), "'none'",
+                   "3 consecutive steps", "returned None for every sample", "answer")  # the default: 3
+
+
+def test_a_source_failing_now_and_then_does_not_stop_the_run(lmpo_train, tmp_path):
+    (tmp_path / "flaky.py").write_text("def every_other(prompts, completions, trainer_state, **kw):\n"
+                                       "    if trainer_state.global_step % 2:\n        raise ValueError('odd step')\n"
+                                       "    return [1.0] * len(completions)\n")
+    with pytest.warns(UserWarning, match="reward failures"):
+        code, err = lmpo_train(reward_funcs=["flaky.py:every_other"], max_steps=4, reward_fail_steps=2)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/invalid"] for r in rows] == [0, 16, 0, 16]
+
+
+def test_sys_exit_and_hanging_rewards_are_reported(lmpo_train):
+    _one_paragraph(*lmpo_train(reward_funcs=["rewards.py:exits"], reward_fail_steps=1), "'exits'",
+                   "SystemExit: the reward function called sys.exit(0)")
+    _one_paragraph(*lmpo_train(reward_funcs=["rewards.py:hangs"], reward_fail_steps=1, reward_timeout_s=0.2),
+                   "'hangs'", "did not return within reward_timeout_s=0.2 s", "reward_timeout_s (now 0.2 s)")
+
+
+def test_reward_signature_errors_name_the_missing_column(lmpo_train):
+    _one_paragraph(*lmpo_train(reward_funcs=["rewards.py:needs_solution"]), "'needs_solution'",
+                   "needs the argument 'solution'", "the columns are: answer)")
+    _one_paragraph(*lmpo_train(reward_funcs=["rewards.py:positional"]), "'positional'", "needs the argument 'p'")
 
 
 def test_resume_without_checkpoint(lmpo_train):

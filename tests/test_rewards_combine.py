@@ -153,10 +153,10 @@ def test_on_error_raise_names_function_sample_and_cause():
 @pytest.mark.parametrize("on_error", ["skip", "raise"])
 def test_wrong_shape_is_always_an_error(on_error):
     with pytest.raises(RewardError, match=r"'short' returned 2 values for 3 completions"):
-        compute_rewards([("short", lambda p, c, **k: [1.0, 1.0])], None, ["p"] * 3, ["c"] * 3, {},
+        compute_rewards([("short", lambda prompts, completions, **k: [1.0, 1.0])], None, ["p"] * 3, ["c"] * 3, {},
                         on_error=on_error)
     with pytest.raises(RewardError, match=r"'scalar' returned a float"):
-        compute_rewards([("scalar", lambda p, c, **k: 1.0)], None, ["p"], ["c"], {}, on_error=on_error)
+        compute_rewards([("scalar", lambda prompts, completions, **k: 1.0)], None, ["p"], ["c"], {}, on_error=on_error)
 
 
 def test_bad_arguments():

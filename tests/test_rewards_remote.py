@@ -185,6 +185,35 @@ def test_server_reports_reward_errors_and_nan():
         httpd.server_close()
 
 
+def test_trl_keywords_cross_the_wire():
+    """completion_ids, trainer_state and chat-form completions reach the served function; its
+    log_metric / log_extra come back to the caller's; sys.exit in it is an HTTP 500, not a dead server."""
+    from lmpo.rewards.combine import TrainerState
+
+    def judge(prompts, completions, completion_ids, trainer_state, log_metric, log_extra, **kw):
+        if completions[0][0]["content"] == "exit":
+            sys.exit(1)
+        log_metric("judge/calls", 1.0)
+        log_extra("ids_len", [len(ids) for ids in completion_ids])
+        return [float(trainer_state.global_step + len(ids)) for ids in completion_ids]
+
+    httpd = make_server(judge, "127.0.0.1", 0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        r = RemoteReward("http://127.0.0.1:%d/" % httpd.server_address[1], timeout=5, retries=0, name="judge")
+        chat = [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]]
+        res = compute_rewards([("judge", r)], None, [[{"role": "user", "content": "q"}]] * 2, chat, {},
+                              completion_ids=[[1, 2, 3], [4]], trainer_state=TrainerState(global_step=10))
+        assert res.rewards == [13.0, 11.0]
+        assert res.logged == {"judge/calls": 1.0} and res.extra == {"ids_len": [3, 1]}
+        res = compute_rewards([("judge", r)], None, ["q"], [[{"role": "assistant", "content": "exit"}]], {},
+                              completion_ids=[[1]])
+        assert "HTTP 500" in res.errors["judge"] and "sys.exit(1)" in res.errors["judge"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_serve_reward_main_in_a_subprocess(tmp_path):
     (tmp_path / "myreward.py").write_text(
         "def exclaim(prompts, completions, bonus=None, **kw):\n"

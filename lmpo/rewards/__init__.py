@@ -1,9 +1,12 @@
 """Reward functions: verifiers (math, code in a sandbox), format/length shaping, remote
 sources, and their combination for the training loop.
 
-Every built-in has TRL's signature ``f(prompts, completions, **columns) -> list[float | None]``
-where ``columns`` are the dataset's other columns for those rows (lists aligned with
-``completions``), and is importable as ``lmpo.rewards.<name>``. ``REWARD_FUNCS`` maps the
+Reward functions are called as TRL 1.16's GRPOTrainer calls them, with keywords only:
+``f(prompts=, completions=, completion_ids=, **columns, trainer_state=, log_metric=, log_extra=)
+-> list[float | None]`` where ``columns`` are the dataset's other columns for those rows (lists
+aligned with ``completions``); prompts and completions are strings, or chat messages for a
+conversational dataset (see ``lmpo.rewards.combine`` and docs/rewards.md). Every built-in
+accepts both forms and is importable as ``lmpo.rewards.<name>``. ``REWARD_FUNCS`` maps the
 built-in names to them. Heavy dependencies (math-verify, sympy) load on first use.
 """
 

@@ -1,23 +1,29 @@
-"""Reward robustness in the loop: resolve reward specs, run them, combine them safely.
+"""Reward robustness in the loop: resolve reward specs, call them as TRL does, combine them safely.
 
 The training loop calls :func:`resolve_reward_funcs` once and :func:`compute_rewards` once
-per step. A reward function that raises, or returns NaN/inf for a sample, makes those samples
-invalid (NaN reward, no gradient) and is counted and logged; a function that returns the wrong
-shape is a bug and always raises :class:`RewardError`.
+per step, with the keywords of TRL 1.16's GRPOTrainer (:func:`reward_inputs`, :class:`TrainerState`).
+A reward function that raises, exits, hangs past its timeout, or returns NaN/inf for a sample,
+makes those samples invalid (NaN reward, no gradient) and is counted and logged; a function that
+returns the wrong shape, or cannot take the keywords, is a bug and always raises :class:`RewardError`;
+a source that gives nothing on every sample for several steps stops the run
+(:func:`watch_total_failure`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import importlib
 import importlib.util
+import inspect
 import logging
 import math
 import numbers
 import os
+import queue
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -39,6 +45,14 @@ class RewardResult:
     per_func: dict[str, list[float | None]]  # None = not applicable, NaN = failed
     metrics: dict[str, float]
     failures: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)      # per function: its first error, or why it gave nothing
+    logged: dict[str, float] = field(default_factory=dict)    # log_metric: the batch's mean of each name
+    extra: dict[str, list] = field(default_factory=dict)      # log_extra: column -> one value per sample
+
+    def dead(self) -> dict[str, str]:
+        """The functions that failed or returned None on every sample, with their first error."""
+        return {name: self.errors.get(name, "failed on every sample") for name, values in self.per_func.items()
+                if values and all(v is None or not math.isfinite(v) for v in values)}
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -134,14 +148,51 @@ def _name_of(func) -> str:
 
 # ----------------------------------------------------------------------------- computing
 
+# The keywords every reward function gets besides the dataset's columns (TRL 1.16's GRPOTrainer).
+RESERVED = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
 
-def compute_rewards(funcs, weights, prompts, completions, columns=None, *, max_workers=4,
-                    on_error="skip") -> RewardResult:
+
+@dataclass
+class TrainerState:
+    """What reward functions read from their ``trainer_state`` keyword (the fields of transformers'
+    ``TrainerState`` that TRL's reward shaping uses): optimizer steps done before this batch, the
+    run's ``max_steps``, and passes over the prompt dataset so far (fractional)."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    epoch: float = 0.0
+
+
+def reward_inputs(rows: list[dict], completions: list[str]) -> tuple[list, list, dict]:
+    """(prompts, completions, columns) of a batch of sampled rows, in TRL's two forms.
+
+    ``prompts``: each row's ``prompt`` as stored (a string, or a list of chat messages).
+    ``completions``: the text, or ``[{"role": "assistant", "content": text}]`` where the row's
+    prompt is chat messages. ``columns``: every other column of the rows, one list each (None
+    where a row lacks it); as in TRL, a dataset's ``completion`` and ``completion_ids`` columns
+    are not passed.
+    """
+    prompts = [r["prompt"] for r in rows]
+    comps = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c
+             for p, c in zip(prompts, completions)]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "completion", "completion_ids")))
+    clash = [k for k in keys if k in RESERVED]
+    if clash:
+        raise RewardError("dataset column %r has the name of a keyword that reward functions get (%s); "
+                          "rename the column." % (clash[0], ", ".join(RESERVED)))
+    return prompts, comps, {k: [r.get(k) for r in rows] for k in keys}
+
+
+def compute_rewards(funcs, weights, prompts, completions, columns=None, *, completion_ids=None,
+                    trainer_state=None, max_workers=4, on_error="skip", timeout_s=None) -> RewardResult:
     """Run every reward function on the batch (concurrently) and combine them.
 
     ``funcs``: [(name, function)] as returned by :func:`resolve_reward_funcs` (bare
     callables and specs are resolved too). ``weights``: one per function, or None for all 1.
-    ``columns``: the dataset's other columns, lists aligned with ``completions``.
+    Each function is called as TRL calls it: ``f(prompts=, completions=, completion_ids=,
+    **columns, trainer_state=, log_metric=, log_extra=)``; ``columns`` are the dataset's other
+    columns, lists aligned with ``completions``. ``async def`` functions are awaited together.
+    ``timeout_s``: seconds each function may take (None = no limit); a late one fails the batch.
     ``on_error``: "skip" (failed samples become invalid, counted and logged) or "raise"
     (the first failure raises RewardError naming function, sample and cause).
     """
@@ -159,32 +210,28 @@ def compute_rewards(funcs, weights, prompts, completions, columns=None, *, max_w
     for key, col in columns.items():
         if len(col) != n:
             raise RewardError("column %r has %d values for %d completions" % (key, len(col), n))
+    if completion_ids is not None and len(completion_ids) != n:
+        raise RewardError("got %d completion_ids for %d completions" % (len(completion_ids), n))
+    logs = RewardLogs(n)
+    kwargs = {"prompts": list(prompts), "completions": list(completions), "completion_ids": completion_ids,
+              **columns, "trainer_state": trainer_state or TrainerState(),
+              "log_metric": logs.log_metric, "log_extra": logs.log_extra}
+    for name, func in funcs:
+        check_arguments(name, func, kwargs)
+    outputs = call_all(funcs, kwargs, timeout_s, max_workers)
 
-    def call(item):
-        name, func = item
-        t0 = time.perf_counter()
-        try:
-            return func(list(prompts), list(completions), **columns), None, time.perf_counter() - t0
-        except Exception as e:  # noqa: BLE001 - judged below by on_error
-            return None, e, time.perf_counter() - t0
-
-    if len(funcs) <= 1 or max_workers <= 1:
-        outputs = [call(item) for item in funcs]
-    else:
-        with ThreadPoolExecutor(min(max_workers, len(funcs)), thread_name_prefix="lmpo-reward") as pool:
-            outputs = list(pool.map(call, funcs))
-
-    per_func, metrics, failures = {}, {}, []
+    per_func, metrics, failures, errors = {}, {}, [], {}
     total = [0.0] * n
     numbers_seen = [0] * n
     failed = [False] * n
     for (name, _), w, (out, exc, seconds) in zip(funcs, weights, outputs):
         metrics["time/reward/%s_s" % name] = seconds
         if exc is not None:
-            msg = "reward %r raised on the batch (samples 0-%d): %s: %s" % (name, n - 1, type(exc).__name__, exc)
+            msg = "reward %r raised on the batch (samples 0-%d): %s" % (name, n - 1, describe(exc))
+            errors[name] = describe(exc)
             if on_error == "raise":
-                raise RewardError("reward function %r failed on sample 0 (the whole batch of %d): %s: %s"
-                                  % (name, n, type(exc).__name__, exc)) from exc
+                raise RewardError("reward function %r failed on sample 0 (the whole batch of %d): %s"
+                                  % (name, n, describe(exc))) from exc
             failures.append(msg)
             values = [math.nan] * n
         else:
@@ -202,11 +249,15 @@ def compute_rewards(funcs, weights, prompts, completions, columns=None, *, max_w
                     if on_error == "raise":
                         raise RewardError("reward function %r failed on sample %d: returned %r"
                                           % (name, i, v))
+                    errors.setdefault(name, "returned %r for sample %d" % (v, i))
                     failures.append(line)
         nums = [v for v in values if v is not None and math.isfinite(v)]
         per_func[name] = values
         metrics["reward/%s/mean" % name] = sum(nums) / len(nums) if nums else math.nan
         metrics["reward/%s/failures" % name] = float(sum(1 for v in values if v is not None and not math.isfinite(v)))
+        if all(v is None for v in values):
+            errors.setdefault(name, "returned None for every sample (the keywords it got: %s)"
+                              % ", ".join(k for k in kwargs))
     valid = [not failed[i] and numbers_seen[i] > 0 for i in range(n)]
     rewards = [total[i] if valid[i] else math.nan for i in range(n)]
     good = [r for r, ok in zip(rewards, valid) if ok]
@@ -215,7 +266,160 @@ def compute_rewards(funcs, weights, prompts, completions, columns=None, *, max_w
     if failures:
         log.warning("%d reward failure(s) in a batch of %d: %s%s", len(failures), n,
                     "; ".join(failures[:3]), " ..." if len(failures) > 3 else "")
-    return RewardResult(rewards, valid, per_func, metrics, failures)
+    return RewardResult(rewards, valid, per_func, metrics, failures, errors, logs.metrics(), logs.extra)
+
+
+class RewardLogs:
+    """The ``log_metric`` and ``log_extra`` callables a batch's reward functions get (as in TRL):
+    ``log_metric(name, value)`` adds a scalar (several calls on a batch are averaged);
+    ``log_extra(column, values)`` attaches one value per completion to the samples."""
+
+    def __init__(self, n: int):
+        self.n, self.lock, self.scalars, self.extra = n, threading.Lock(), {}, {}
+
+    def log_metric(self, name: str, value: float):
+        with self.lock:
+            self.scalars.setdefault(str(name), []).append(float(value))
+
+    def log_extra(self, column: str, values: list):
+        values = list(values)
+        if len(values) != self.n:
+            raise RewardError("log_extra(%r, values) got %d values for %d completions"
+                              % (column, len(values), self.n))
+        with self.lock:
+            self.extra[str(column)] = values
+
+    def metrics(self) -> dict:
+        return {k: sum(v) / len(v) for k, v in self.scalars.items()}
+
+
+def check_arguments(name, func, kwargs):
+    """A RewardError naming the function and the keyword when ``func`` cannot take ``kwargs``: a
+    required parameter that is no dataset column, or no ``**kwargs`` to take the keywords it does
+    not name."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):  # a builtin or extension callable: let the call decide
+        return
+    try:
+        sig.bind(**kwargs)
+        return
+    except TypeError as e:
+        why = str(e)
+    params = sig.parameters.values()
+    columns = ", ".join(k for k in kwargs if k not in RESERVED) or "none"
+    for p in params:
+        if p.kind is not p.VAR_POSITIONAL and p.kind is not p.VAR_KEYWORD and p.default is p.empty \
+                and (p.name not in kwargs or p.kind is p.POSITIONAL_ONLY):
+            raise RewardError("reward function %r needs the argument %r, which is neither a keyword lmpo passes "
+                              "(%s) nor a dataset column (the columns are: %s). Add a %r column to the dataset, "
+                              "or give the parameter a default." % (name, p.name, ", ".join(RESERVED), columns, p.name))
+    extra = [k for k in kwargs if k not in sig.parameters]
+    if extra and not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise RewardError("reward function %r does not accept the keyword %r. Reward functions are called as "
+                          "TRL calls them, with the keywords %s and every dataset column (here: %s); add **kwargs "
+                          "to its parameters." % (name, extra[0], ", ".join(RESERVED), columns))
+    raise RewardError("reward function %r cannot be called with the keywords %s: %s"
+                      % (name, ", ".join(kwargs), why))
+
+
+def _is_async(func) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
+def call_all(funcs, kwargs: dict, timeout_s: float | None = None, max_workers: int = 4) -> list[tuple]:
+    """Call every (name, function) with ``kwargs``; returns [(output, exception, seconds)] in order.
+
+    Plain functions run in daemon threads, at most ``max_workers`` at once; ``async def`` ones
+    are awaited together on one event loop in another daemon thread (as TRL gathers them). A call
+    still running ``timeout_s`` seconds after its start is reported as a TimeoutError and left
+    behind (a thread cannot be killed; a daemon thread does not keep the process alive).
+    Any exception, SystemExit included, comes back as the call's exception.
+    """
+    results: list = [None] * len(funcs)
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    started: dict[int, float] = {}
+
+    def run_sync(i, t0):
+        try:
+            done.put((i, funcs[i][1](**kwargs), None, time.perf_counter() - t0))
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, never raised here
+            done.put((i, None, e, time.perf_counter() - t0))
+
+    async def run_async(i, t0):
+        try:
+            out = await funcs[i][1](**kwargs)
+            done.put((i, out, None, time.perf_counter() - t0))
+        except BaseException as e:  # noqa: BLE001
+            done.put((i, None, e, time.perf_counter() - t0))
+
+    async def gather(idx, t0):
+        await asyncio.gather(*(run_async(i, t0) for i in idx))
+
+    asyncs = [i for i, (_, f) in enumerate(funcs) if _is_async(f)]
+    waiting = [i for i in range(len(funcs)) if i not in asyncs]
+    running_sync: set[int] = set()
+    if asyncs:
+        t0 = time.perf_counter()
+        started.update({i: t0 for i in asyncs})
+        threading.Thread(target=asyncio.run, args=(gather(asyncs, t0),), daemon=True,
+                         name="lmpo-reward-async").start()
+    while any(r is None for r in results):
+        while waiting and len(running_sync) < max(1, max_workers):
+            i = waiting.pop(0)
+            started[i] = time.perf_counter()
+            running_sync.add(i)
+            threading.Thread(target=run_sync, args=(i, started[i]), daemon=True,
+                             name="lmpo-reward-%s" % funcs[i][0]).start()
+        pending = [i for i in started if results[i] is None]
+        wait = None
+        if timeout_s is not None:
+            wait = max(0.0, min(started[i] for i in pending) + timeout_s - time.perf_counter())
+        try:
+            i, out, exc, seconds = done.get(timeout=wait)
+        except queue.Empty:
+            now = time.perf_counter()
+            for i in pending:
+                if now - started[i] >= timeout_s:
+                    results[i] = (None, TimeoutError(
+                        "did not return within reward_timeout_s=%g s (left running in the background)"
+                        % timeout_s), now - started[i])
+                    running_sync.discard(i)
+            continue
+        if results[i] is None:
+            results[i] = (out, exc, seconds)
+            running_sync.discard(i)
+    return results
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a reward function's exception."""
+    if isinstance(exc, SystemExit):
+        return "SystemExit: the reward function called sys.exit(%r)" % (exc.code,)
+    return "%s: %s" % (type(exc).__name__, exc)
+
+
+def watch_total_failure(streaks: dict, names, dead: dict, fail_steps: int, step: int, timeout_s=None):
+    """Stop a run whose reward source has stopped working.
+
+    ``dead`` maps the sources that failed (raised, timed out, NaN) or returned None on every sample
+    of this batch to their first error. ``streaks`` (kept by the caller across batches) counts each
+    source's consecutive dead batches; at ``fail_steps`` (0 = never) a RewardError names the source,
+    its first error and the config keys that change this.
+    """
+    for name in names:
+        if name not in dead:
+            streaks.pop(name, None)
+            continue
+        count, first_step, first = streaks.get(name, (0, step, dead[name]))
+        streaks[name] = (count + 1, first_step, first)
+        if fail_steps and count + 1 >= fail_steps:
+            raise RewardError(
+                "reward source %r failed or returned None on every sample of %d consecutive steps (steps %d-%d), "
+                "so nothing was learned from it. First error (step %d): %s. Fix the function or the dataset "
+                "columns it reads; or change the config keys reward_fail_steps (now %d; 0 = never stop), "
+                "reward_timeout_s (now %s s), reward_funcs / reward_model / reward_url (the sources)."
+                % (name, count + 1, first_step, step, first_step, first, fail_steps, timeout_s))
 
 
 def _check_output(name, out, n) -> list[float | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .math_reward import _text
+from .text import as_text as _text
 
 _THINK_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
 
@@ -51,10 +51,11 @@ length_penalty = make_length_penalty()
 
 def addition_exact(prompts, completions, answer=None, **_columns):
     """The embedded task ("37+48=" -> "85"): exact match, 1.0 when the completion (stripped of
-    surrounding whitespace) equals the ``answer`` string, else 0.0. Trailing text is wrong."""
+    surrounding whitespace) equals the ``answer`` string, else 0.0. Trailing text is wrong.
+    None for a row whose answer is None; an error without an ``answer`` column."""
     if answer is None:
-        return [None] * len(completions)
+        raise KeyError("addition_exact needs an 'answer' column (the gold sum); the dataset has none")
     out = []
     for c, gold in zip(completions, answer):
-        out.append(1.0 if _text(c).strip() == str(gold).strip() else 0.0)
+        out.append(None if gold is None else 1.0 if _text(c).strip() == str(gold).strip() else 0.0)
     return out

@@ -1,7 +1,10 @@
 """Rewards computed by an HTTP service.
 
 Protocol (one POST per batch): ``{"prompts": [...], "completions": [...], "columns": {...}}``
--> ``{"rewards": [float | null, ...]}`` (same length as completions). ``lmpo serve-reward``
+plus, when the caller has them, ``"completion_ids": [[int, ...], ...]`` and ``"trainer_state":
+{"global_step", "max_steps", "epoch"}`` -> ``{"rewards": [float | null, ...]}`` (same length as
+completions), optionally with ``"metrics": {name: float}`` and ``"extra": {column: [...]}``, which
+go to the caller's ``log_metric`` / ``log_extra``. ``lmpo serve-reward``
 (:mod:`lmpo.rewards.serve`) is a server for it.
 
 Error policy: connection errors, timeouts, HTTP 429 and 5xx and unreadable replies are
@@ -37,7 +40,7 @@ def _jsonable(x):
 
 
 class RemoteReward:
-    """A reward function that POSTs each batch to ``url``; TRL's signature."""
+    """A reward function that POSTs each batch to ``url``; called with TRL's keywords."""
 
     def __init__(self, url: str, timeout: float = 30.0, retries: int = 3, backoff: float = 0.5,
                  name: str | None = None, headers: dict | None = None):
@@ -53,10 +56,15 @@ class RemoteReward:
     def __repr__(self):
         return "RemoteReward(%r, timeout=%s, retries=%d)" % (self.url, self.timeout, self.retries)
 
-    def __call__(self, prompts, completions, **columns):
-        body = json.dumps({"prompts": list(prompts), "completions": list(completions),
-                           "columns": {k: list(v) for k, v in columns.items()}},
-                          default=_jsonable).encode()
+    def __call__(self, prompts, completions, completion_ids=None, trainer_state=None, log_metric=None,
+                 log_extra=None, **columns):
+        req = {"prompts": list(prompts), "completions": list(completions),
+               "columns": {k: list(v) for k, v in columns.items()}}
+        if completion_ids is not None:
+            req["completion_ids"] = [list(ids) for ids in completion_ids]
+        if trainer_state is not None:
+            req["trainer_state"] = {k: getattr(trainer_state, k, None) for k in ("global_step", "max_steps", "epoch")}
+        body = json.dumps(req, default=_jsonable).encode()
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
@@ -70,7 +78,12 @@ class RemoteReward:
                 log.warning("remote reward %s: attempt %d/%d failed: %s",
                             self.url, attempt + 1, self.retries + 1, last)
                 continue
-            return self._check(reply, len(completions))
+            rewards = self._check(reply, len(completions))
+            for name, value in (reply.get("metrics") or {}).items() if log_metric is not None else ():
+                log_metric(name, value)
+            for column, values in (reply.get("extra") or {}).items() if log_extra is not None else ():
+                log_extra(column, values)
+            return rewards
         raise RewardError("remote reward %s failed after %d attempt(s); last error: %s"
                           % (self.url, self.retries + 1, last))
 

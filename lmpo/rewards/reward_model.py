@@ -1,9 +1,10 @@
 """A trained reward model as a reward function.
 
 ``RewardModelScorer(path)`` loads an ``AutoModelForSequenceClassification`` (one output; e.g. from
-``lmpo rm``) and is called like any reward function, with TRL's signature
-``f(prompts, completions, **columns) -> list[float]``: the score of ``prompt + completion`` read
-at its last real token, computed in batches without gradients.
+``lmpo rm``) and is called like any reward function (TRL's keywords; positional
+``(prompts, completions)`` works too) -> ``list[float]``: the score of ``prompt + completion`` read
+at its last real token, computed in batches without gradients. A chat prompt is rendered with the
+reward model's own chat template.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """``lmpo serve-reward``: serve a reward function or a reward model over HTTP.
 
-POST any path with ``{"prompts": [...], "completions": [...], "columns": {...}}`` and get
-``{"rewards": [...]}``; ``GET /health`` answers ``{"ok": true, "reward": NAME}``. Errors come
+POST any path with ``{"prompts": [...], "completions": [...], "columns": {...}}`` (optionally
+``"completion_ids"`` and ``"trainer_state"``) and get ``{"rewards": [...]}`` (plus ``"metrics"`` and
+``"extra"`` when the function called ``log_metric`` / ``log_extra``); the function is called as TRL
+calls reward functions; ``GET /health`` answers ``{"ok": true, "reward": NAME}``. Errors come
 back as HTTP 400 (bad request) or 500 (the reward function raised) with ``{"error": ...}``.
 """
 
@@ -16,6 +18,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .combine import RESERVED, RewardLogs, TrainerState, describe
 from .errors import RewardError
 
 log = logging.getLogger(__name__)
@@ -69,25 +72,37 @@ def make_server(func, host: str = "127.0.0.1", port: int = 0, name: str | None =
                 req = json.loads(self.rfile.read(length))
                 prompts, completions = req["prompts"], req["completions"]
                 columns = req.get("columns") or {}
+                ids, state = req.get("completion_ids"), req.get("trainer_state") or {}
                 if not (isinstance(prompts, list) and isinstance(completions, list)
                         and isinstance(columns, dict) and len(prompts) == len(completions)):
                     raise ValueError("need lists 'prompts' and 'completions' of equal length and a dict 'columns'")
+                clash = [k for k in columns if k in RESERVED]
+                if clash:
+                    raise ValueError("column %r has the name of a reward-function keyword" % clash[0])
+                state = TrainerState(**{k: state[k] for k in ("global_step", "max_steps", "epoch") if k in state})
             except (ValueError, KeyError, TypeError) as e:
                 self._send(400, {"error": "bad request: %s" % e})
                 return
+            logs = RewardLogs(len(completions))
             try:
                 with lock:
-                    rewards = func(prompts, completions, **columns)
+                    rewards = func(prompts=prompts, completions=completions, completion_ids=ids, **columns,
+                                   trainer_state=state, log_metric=logs.log_metric, log_extra=logs.log_extra)
                 rewards = [None if r is None else float(r) for r in rewards]
-            except Exception as e:  # noqa: BLE001 - reported to the client
+            except BaseException as e:  # noqa: BLE001 - reported to the client, sys.exit included
                 log.exception("reward %s failed", name)
-                self._send(500, {"error": "%s: %s" % (type(e).__name__, e)})
+                self._send(500, {"error": describe(e)})
                 return
             # JSON has no NaN: a non-finite reward is sent as null plus its index in "failed".
             failed = [i for i, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
             for i in failed:
                 rewards[i] = None
-            self._send(200, {"rewards": rewards, **({"failed": failed} if failed else {})})
+            reply = {"rewards": rewards, **({"failed": failed} if failed else {})}
+            if logs.scalars:
+                reply["metrics"] = logs.metrics()
+            if logs.extra:
+                reply["extra"] = json.loads(json.dumps(logs.extra, default=str))
+            self._send(200, reply)
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True

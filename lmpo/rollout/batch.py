@@ -32,6 +32,7 @@ class RolloutBatch:
     valid: torch.Tensor | None = None       # [N] bool: every reward source scored this sample
     step_rewards: torch.Tensor | None = None  # [N, S] process rewards, NaN-padded
     step_ends: torch.Tensor | None = None     # [N, S] token index where each step ends, -1-padded
+    reward_details: list = field(default_factory=list)  # [N] {"rewards": per source, "extra": log_extra}
     # --- from prepare
     old_logp: torch.Tensor | None = None    # [N, T]
     ref_logp: torch.Tensor | None = None    # [N, T]

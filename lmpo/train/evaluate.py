@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..data import render_prompt
+from ..rewards.combine import reward_inputs
 from ..rollout import rollout
 
 
@@ -13,7 +14,8 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
              samples: int = 1, batch_size: int = 256, seed: int = 0) -> dict:
     """Mean reward of ``samples`` completions per held-out row (temperature 0 = greedy).
 
-    ``reward_fn`` has the TRL signature; with a 0/1 verifier the mean reward is the exact-match
+    ``reward_fn`` is called as TRL calls reward functions (keywords ``prompts``, ``completions``,
+    ``completion_ids`` and the rows' other columns); with a 0/1 verifier the mean reward is the exact-match
     accuracy. Returns ``{"accuracy": float, "mean_length": float}``."""
     was_training = model.training
     model.eval()
@@ -24,8 +26,9 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
         prompts = [render_prompt(r["prompt"], tokenizer, s + i) for i, r in enumerate(chunk)]
         batch = rollout(model, tokenizer, prompts, chunk, group_size=samples, max_new_tokens=max_new_tokens,
                         temperature=temperature, generator=gen)
-        columns = {k: [r.get(k) for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
-        rewards = reward_fn(batch.prompts, batch.completions, **columns)
+        prompts_, completions, columns = reward_inputs(batch.rows, batch.completions)     # as TRL passes them
+        ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]
+        rewards = reward_fn(prompts=prompts_, completions=completions, completion_ids=ids, **columns)
         total += sum(float(r) for r in rewards if r is not None)
         n += len(rewards)
         length += float(batch.mask.sum())

@@ -31,7 +31,7 @@ class MetricsLogger:
         if samples:
             with open(self.dir / "samples.jsonl", "a") as f:
                 for s in samples:
-                    f.write(json.dumps({"step": step, **s}) + "\n")
+                    f.write(json.dumps({"step": step, **s}, default=str) + "\n")  # log_extra may hold anything
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):

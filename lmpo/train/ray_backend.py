@@ -176,12 +176,12 @@ class RewardWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def score(self, batch):
+    def score(self, batch, state=None):
         from .rl import score
 
-        stats = score(self.view, batch)
+        stats = score(self.view, batch, state)
         return {"rewards": batch.rewards, "valid": batch.valid, "step_rewards": batch.step_rewards,
-                "step_ends": batch.step_ends, "stats": stats}
+                "step_ends": batch.step_ends, "reward_details": batch.reward_details, "stats": stats}
 
 
 class _Workers:
@@ -337,10 +337,10 @@ class RewardPool:
         self.workers = _Workers("reward", RewardWorker, run.cfg.distributed.reward_workers,
                                 1 + run.cfg.distributed.rollout_workers, run.cfg, (run.cfg, run.algo))
 
-    def __call__(self, batch) -> dict:
+    def __call__(self, batch, state=None) -> dict:
         rows_by_group = torch.arange(len(batch)).view(-1, batch.group_size)               # [groups, G]
         parts = [p.reshape(-1) for p in rows_by_group.tensor_split(len(self.workers.actors)) if len(p)]
-        outs = self.workers.map([lambda i=i, rows=rows: self.workers.call(i, "score", batch.select(rows).to("cpu"))
+        outs = self.workers.map([lambda i=i, rows=rows: self.workers.call(i, "score", batch.select(rows).to("cpu"), state)
                                  for i, rows in enumerate(parts)])
         restarts = {"ray/worker_restarts": sum(self.workers.restarts) + sum(self.run.engine.workers.restarts)}
         dev = batch.mask.device
@@ -348,13 +348,13 @@ class RewardPool:
         parts_b = []
         for rows, out in zip(parts, outs):
             part = batch.select(rows)
-            part.rewards, part.valid, part.step_rewards, part.step_ends = (
-                out["rewards"], out["valid"], out["step_rewards"], out["step_ends"])
+            part.rewards, part.valid, part.step_rewards, part.step_ends, part.reward_details = (
+                out["rewards"], out["valid"], out["step_rewards"], out["step_ends"], out["reward_details"])
             parts_b.append(part)
         from ..rollout import RolloutBatch
 
         merged = RolloutBatch.cat(parts_b)
-        for f in ("rewards", "valid", "step_rewards", "step_ends"):
+        for f in ("rewards", "valid", "step_rewards", "step_ends", "reward_details"):
             setattr(batch, f, getattr(merged, f))
         return {**_merge_stats([o["stats"] for o in outs], [len(p) for p in parts], batch), **restarts}
 

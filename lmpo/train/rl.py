@@ -100,7 +100,7 @@ def attach(run: Run):
     else:
         run.engine = make_engine(run)
         run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
-        run.scorer = lambda batch: score(run, batch)
+        run.scorer = lambda batch, state=None: score(run, batch, state)
 
 
 def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, dict]:
@@ -113,13 +113,13 @@ def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, 
         return run.prefetch.next(t)
     cfg, algo = run.cfg, run.algo
     kept, dropped, rounds, zero_std, n_groups, stats = [], [], 0, 0, 0, {}
-    need = cfg.prompts_per_step
+    need, state = cfg.prompts_per_step, reward_state(run, step)      # the trainer_state reward functions get
     while True:
         with t("rollout"):
             batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size),
                            rounds, step)
         with t("reward"):
-            stats = merge_sums(stats, run.scorer(batch))
+            stats = merge_sums(stats, run.scorer(batch, state))
         flat = A.zero_std_groups(torch.nan_to_num(batch.rewards, nan=0.0), cfg.group_size)        # [B]
         zero_std += int(flat.sum())
         n_groups += flat.numel()
@@ -166,24 +166,39 @@ def sampling_spec(run: Run) -> SamplingSpec:
                         keep_routing=run.algo.keep_routing, max_prompt_len=run.max_prompt_len, dtype=cfg.dtype)
 
 
-def score(run: Run, batch: RolloutBatch) -> dict:
+def reward_state(run: Run, step: int | None = None):
+    """The ``trainer_state`` reward functions get: steps done before this one, max_steps, and the
+    passes over the prompt dataset before this step's prompts."""
+    from ..rewards.combine import TrainerState
+
+    stream = run.prompts
+    return TrainerState(global_step=run.step if step is None else step, max_steps=run.cfg.max_steps,
+                        epoch=stream.epoch + stream.pos / max(1, len(stream.rows)))
+
+
+def score(run: Run, batch: RolloutBatch, state=None) -> dict:
     """batch.rewards [N] (NaN where a reward source failed) and batch.valid [N]; process reward
-    sources fill batch.step_rewards / step_ends; DAPO's overlong shaping is added to the reward."""
-    from ..rewards.combine import compute_rewards
+    sources fill batch.step_rewards / step_ends; DAPO's overlong shaping is added to the reward.
+    Every source is called as TRL calls it (``lmpo.rewards.combine``); one that gives nothing on
+    every sample for ``reward_fail_steps`` consecutive batches stops the run."""
+    from ..rewards.combine import TrainerState, compute_rewards, reward_inputs, watch_total_failure
     from ..rewards.process import is_process_reward
 
-    columns = {k: [r.get(k) for r in batch.rows] for k in batch.rows[0] if k != "prompt"}
+    cfg, state = run.cfg, state or TrainerState(max_steps=run.cfg.max_steps)
+    prompts, completions, columns = reward_inputs(batch.rows, batch.completions)      # TRL's two forms
+    ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]  # EOS included
     pairs = list(zip(run.reward_sources, run.reward_weights))
     outcome = [(s, w) for s, w in pairs if not is_process_reward(s[1])]
     process = [(s, w) for s, w in pairs if is_process_reward(s[1])]
     device = batch.mask.device
-    metrics = {}
+    metrics, dead, details = {}, {}, [{"rewards": {}, "extra": {}} for _ in range(len(batch))]
+    call = dict(completion_ids=ids, trainer_state=state, max_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s)
     if process:
-        mean_step = process_rewards(batch, process, columns)
+        mean_step, dead, metrics = process_rewards(batch, process, prompts, completions, columns, call)
         rewards, valid = mean_step, ~torch.isnan(mean_step)
     if outcome:
-        res = compute_rewards([s for s, _ in outcome], [w for _, w in outcome], batch.prompts, batch.completions,
-                              columns, max_workers=run.cfg.reward_workers, on_error=run.cfg.reward_errors)
+        res = compute_rewards([s for s, _ in outcome], [w for _, w in outcome], prompts, completions,
+                              columns, on_error=cfg.reward_errors, **call)
         if res.failures:
             import warnings
 
@@ -191,13 +206,20 @@ def score(run: Run, batch: RolloutBatch) -> dict:
                           f"first: {res.failures[0]}", stacklevel=2)
         rewards = torch.tensor(res.rewards, dtype=torch.float32, device=device)            # [N]
         valid = torch.tensor(res.valid, dtype=torch.bool, device=device) & (valid if process else True)
-        metrics = res.metrics
+        metrics = {**metrics, **res.logged, **res.metrics}      # log_metric's names; the built-in ones win
+        dead.update(res.dead())
+        for i, d in enumerate(details):                         # per-source rewards and log_extra, for samples.jsonl
+            d["rewards"] = {name: _finite(values[i]) for name, values in res.per_func.items()}
+            d["extra"] = {col: values[i] for col, values in res.extra.items()}
         if run.cfg.iterative.rm_retrain:  # verifier-labelled pairs from this policy, for the next RM update
             from .iterative import group_pairs, verifier_labels
 
             labels = verifier_labels(res.per_func, {name: w for (name, _), w in outcome})
             run.extra.setdefault("rm_new_pairs", []).extend(
                 group_pairs(batch.prompts, batch.completions, labels, run.cfg.group_size))
+    watch_total_failure(run.extra.setdefault("reward_fail_streaks", {}), [name for (name, _), _ in pairs], dead,
+                        cfg.reward_fail_steps, state.global_step + 1, cfg.reward_timeout_s)
+    batch.reward_details = details
     lengths = batch.mask.sum(-1)
     if run.algo.overlong_buffer:
         rewards = rewards + A.overlong_penalty(lengths, run.cfg.max_new_tokens, run.algo.overlong_buffer,
@@ -212,16 +234,29 @@ def score(run: Run, batch: RolloutBatch) -> dict:
             "completion/truncated_frac": float(batch.truncated.float().mean())}
 
 
-def process_rewards(batch: RolloutBatch, process: list, columns: dict) -> torch.Tensor:
+def process_rewards(batch: RolloutBatch, process: list, prompts: list, completions: list, columns: dict,
+                    call: dict) -> tuple[torch.Tensor, dict, dict]:
     """Call the (single) process reward source; fill batch.step_rewards [N, S] (NaN-padded) and
-    batch.step_ends [N, S] (-1-padded). Returns each sample's mean step reward (NaN if none)."""
+    batch.step_ends [N, S] (-1-padded). Returns each sample's mean step reward (NaN if none),
+    {name: first error} when the source failed or gave None on every sample, and its log_metric values."""
+    from ..rewards.combine import RewardLogs, TrainerState, call_all, check_arguments, describe
     from ..rewards.errors import RewardError
 
     if len(process) > 1:
         raise RewardError(f"only one process reward source may be used, got {[s[0] for s, _ in process]}.")
     (name, fn), weight = process[0]
-    ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]
-    out = fn(batch.prompts, batch.completions, completion_ids=ids, **columns)
+    logs = RewardLogs(len(batch))
+    kwargs = {"prompts": prompts, "completions": completions, "completion_ids": call["completion_ids"], **columns,
+              "trainer_state": call["trainer_state"] or TrainerState(), "log_metric": logs.log_metric,
+              "log_extra": logs.log_extra}
+    check_arguments(name, fn, kwargs)
+    (out, exc, _), = call_all([(name, fn)], kwargs, call["timeout_s"])
+    if exc is not None:
+        import warnings
+
+        warnings.warn(f"process reward '{name}' raised on the batch (those samples get no gradient): {describe(exc)}",
+                      stacklevel=2)
+        out = [None] * len(batch)
     if not isinstance(out, list) or len(out) != len(batch):
         raise RewardError(f"process reward '{name}' returned {type(out).__name__} of length "
                           f"{len(out) if hasattr(out, '__len__') else '?'}; expected a list of {len(batch)}.")
@@ -237,7 +272,12 @@ def process_rewards(batch: RolloutBatch, process: list, columns: dict) -> torch.
             sr[i, :k] = torch.tensor(o["rewards"], dtype=torch.float32) * weight
             se[i, :k] = torch.tensor(o["ends"], dtype=torch.long)
     batch.step_rewards, batch.step_ends = sr.to(batch.mask.device), se.to(batch.mask.device)
-    return torch.nanmean(sr, dim=1).to(batch.mask.device)
+    dead = {} if any(out) else {name: describe(exc) if exc is not None else "returned None for every sample"}
+    return torch.nanmean(sr, dim=1).to(batch.mask.device), dead, logs.metrics()
+
+
+def _finite(v):
+    return None if v is None or not math.isfinite(v) else v
 
 
 def merge_sums(a: dict, b: dict) -> dict:
@@ -500,8 +540,11 @@ def iterative_reset(run: Run, metrics: dict):
 
 
 def samples(batch: RolloutBatch, k: int) -> list[dict]:
+    """The first k samples: prompt, completion, combined reward, each source's reward and the
+    reward functions' log_extra values."""
     return [{"prompt": batch.prompts[i], "completion": batch.completions[i],
-             "reward": None if math.isnan(float(batch.rewards[i])) else float(batch.rewards[i])}
+             "reward": None if math.isnan(float(batch.rewards[i])) else float(batch.rewards[i]),
+             **(batch.reward_details[i] if batch.reward_details else {})}
             for i in range(min(k, len(batch)))]
 
 
@@ -562,8 +605,9 @@ def evaluate_policy(run: Run) -> dict:
     if not sources:
         return {}
 
-    def reward_fn(prompts, completions, **columns):
-        return compute_rewards(sources, weights, prompts, completions, columns).rewards
+    def reward_fn(prompts, completions, completion_ids=None, **columns):
+        return compute_rewards(sources, weights, prompts, completions, columns, completion_ids=completion_ids,
+                               trainer_state=reward_state(run), timeout_s=run.cfg.reward_timeout_s).rewards
 
     kw = dict(max_new_tokens=run.cfg.max_new_tokens, seed=run.cfg.seed)
     with D.unsharded(run):                                          # every rank evaluates the same rows

@@ -48,9 +48,12 @@ def validation_accuracy(model, tokenizer, rows: list[dict]) -> float:
 
     n_new = max(len(tokenizer(str(r["completion"]), add_special_tokens=False)["input_ids"]) for r in rows) + 1
 
-    def exact(prompts, completions, completion, **_):
-        return [float(c.strip() == str(g).strip()) for c, g in zip(completions, completion)]
+    def exact(prompts, completions, gold, **_):
+        from ..rewards.text import as_text
 
+        return [float(as_text(c).strip() == str(g).strip()) for c, g in zip(completions, gold)]
+
+    rows = [{"prompt": r["prompt"], "gold": r["completion"]} for r in rows]   # reward functions never see 'completion'
     return evaluate(model, tokenizer, rows, exact, max_new_tokens=n_new)["accuracy"]
 
 
