@@ -38,10 +38,12 @@ def test_grpo_none_is_dr_grpo():
     close(grpo_advantages(r, 3, scale="none"), [-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
 
 
-def test_grpo_batch_std_of_centred_values():
+def test_grpo_batch_divides_by_the_std_of_the_batch_rewards():
+    """Lite PPO (Liu et al. 2025) / TRL scale_rewards="batch": group-centred reward over the
+    unbiased std of the batch's raw rewards (not of the centred ones)."""
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
-    # centred: [-1, 0, 1, 0, 0, 0]; mean 0; unbiased var = 2 / 5 -> std sqrt(0.4)
-    s = math.sqrt(0.4) + 1e-4
+    # batch mean 3.5; squared deviations 6.25 + 2.25 + 0.25 + 3 * 2.25 = 15.5; unbiased var 15.5 / 5 = 3.1
+    s = math.sqrt(3.1) + 1e-4
     close(grpo_advantages(r, 3, scale="batch"), [-1 / s, 0.0, 1 / s, 0.0, 0.0, 0.0])
 
 
