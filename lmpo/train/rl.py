@@ -209,6 +209,7 @@ def score(run: Run, batch: RolloutBatch) -> dict:
     if run.algo.overlong_buffer:
         rewards = rewards + A.overlong_penalty(lengths, run.cfg.max_new_tokens, run.algo.overlong_buffer,
                                                run.algo.overlong_penalty)
+    valid = valid & torch.isfinite(rewards)      # float32: 1e39 is inf there; NaN or inf = an invalid sample
     batch.rewards, batch.valid = rewards, valid
     r = rewards[valid]
     return {"_n": 1, **metrics,
