@@ -73,9 +73,9 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps:
         adv = adv / (_std(clean(x - x.sum() / n.clamp(min=1), valid), valid, n) + eps)
     if scale != "batch" and group_size > 1:  # complete groups: the float32 computation of before
         fast = g - g.mean(-1, keepdim=True)  # [B, G]
-        if scale == "group":
-            fast = fast / (g.std(-1, keepdim=True) + eps)
-        use = valid.all(-1, keepdim=True) & torch.isfinite(fast)
+        std = g.std(-1, keepdim=True) if scale == "group" else torch.zeros_like(fast[:, :1])  # [B, 1]
+        use = valid.all(-1, keepdim=True) & torch.isfinite(fast) & torch.isfinite(std)
+        fast = fast / (std + eps) if scale == "group" else fast
         return torch.where(use, fast, adv.to(r.dtype)).reshape(-1)
     return adv.reshape(-1).to(r.dtype)
 

@@ -211,7 +211,7 @@ def score(run: Run, batch: RolloutBatch) -> dict:
                                                run.algo.overlong_penalty)
     valid = valid & torch.isfinite(rewards)      # float32: 1e39 is inf there; NaN or inf = an invalid sample
     batch.rewards, batch.valid = rewards, valid
-    r = rewards[valid]
+    r = rewards[valid].double()                  # float64: sums of rewards near 3e38 do not overflow
     return {"_n": 1, **metrics,
             "reward/mean": float(r.mean()) if r.numel() else float("nan"),
             "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
