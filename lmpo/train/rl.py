@@ -405,7 +405,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
         per_tok = per_tok * keep
     kl = None
     if mb.ref_logp is not None:
-        kl = A.unbiased_kl(logp, old, mb.ref_logp, mask=mask) if algo.unbiased_kl else \
+        kl = A.unbiased_kl(logp, old, mb.ref_logp, algo.kl_estimator, mask=mask) if algo.unbiased_kl else \
             A.kl_penalty(logp, mb.ref_logp, algo.kl_estimator, mask=mask)                         # [n, T]
         if algo.kl_placement == "loss":
             per_tok = per_tok + run.beta * kl
