@@ -369,7 +369,8 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
                         sums[k] = sums.get(k, 0.0) + v * len(idx) / len(mb)
             with t("optimizer"):
                 D.sync_grads(run)           # sum over ranks: each rank's loss is its share of the global loss
-                loss_finite = float(D.all_sum(run, {"bad": torch.tensor(float(not loss_finite))})["bad"]) == 0
+                bad = torch.tensor(float(not loss_finite), device=run.device)
+                loss_finite = float(D.all_sum(run, {"bad": bad})["bad"]) == 0     # every rank decides alike
                 norm, stepped = clip_and_step(run, loss_finite)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
             n_updates += 1
@@ -493,11 +494,11 @@ def count_skip(run: Run, stepped: bool):
 def weights_finite(run: Run, collective: bool = True) -> bool:
     """Every weight of the policy (and critic, value head) is finite. ``collective``: agreed over
     ranks (each rank checks its shard); False checks only this rank's tensors (a crash path)."""
-    bad = torch.zeros((), dtype=torch.float64)
+    bad = torch.zeros((), dtype=torch.float64, device=run.device)
     for model in (run.policy, run.critic, run.value_head):
         for p in model.parameters() if model is not None else ():
             local = p.to_local() if hasattr(p, "to_local") else p
-            bad += float(not bool(torch.isfinite(local).all()))
+            bad += (~torch.isfinite(local)).sum().double().to(bad.device)
     if collective:
         bad = D.all_sum(run, {"bad": bad})["bad"]
     return float(bad) == 0
