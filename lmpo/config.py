@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ class Config:
     minibatches: int = opt(1, "optimizer steps per epoch (the batch is split into this many minibatches)")
     micro_batch_size: int | None = opt(None, "rows per forward/backward (gradient accumulation); default: whole minibatch")
     max_grad_norm: float | None = opt(1.0, "gradient clipping norm (None = off)")
+    max_skipped_steps: int = opt(3, "an optimizer step with a non-finite loss or gradient is skipped (metric train/skipped_steps); this many in a row stop the run with exit status 2, keeping the checkpoint from before")
     max_new_tokens: int = opt(8, "maximum completion length")
     max_prompt_len: int | None = opt(None, "maximum prompt length in tokens (default: model context - max_new_tokens)")
     temperature: float = opt(1.0, "sampling temperature (log-probs in training use the same temperature)")
@@ -341,10 +343,13 @@ def validate(cfg):
         if value is not None and (value <= 0 if strict else value < 0):
             raise ConfigError(f"config key '{key}' must be {'> 0' if strict else '>= 0'}, got {value}.")
 
+    for key, value in _numbers(cfg):
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number, got {value}.")
     if isinstance(cfg, Config):
         for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate",
                     "temperature", "save_steps", "eval_samples", "reward_workers", "micro_batch_size", "threads",
-                    "max_prompt_len", "max_grad_norm", "reward_timeout_s"):
+                    "max_prompt_len", "max_grad_norm", "reward_timeout_s", "max_skipped_steps"):
             positive(key, getattr(cfg, key))
         for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r",
                     "reward_fail_steps"):
@@ -354,6 +359,15 @@ def validate(cfg):
         for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):
             positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty"))
         positive("algo.overlong_buffer", cfg.algo.overlong_buffer, strict=False)
+        if cfg.algo.overlong_buffer is not None and cfg.algo.overlong_buffer > cfg.max_new_tokens:
+            raise ConfigError(f"config key 'algo.overlong_buffer' ({cfg.algo.overlong_buffer}) must be at most "
+                              f"max_new_tokens ({cfg.max_new_tokens}): the soft overlong punishment ramps over the "
+                              "last overlong_buffer tokens of the budget.")
+        for key in ("adv_eps", "max_extra_rounds"):
+            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key == "adv_eps")
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(cfg.algo, key) <= 1:
+                raise ConfigError(f"config key 'algo.{key}' must be in [0, 1], got {getattr(cfg.algo, key)}.")
         if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
             raise ConfigError(f"config key 'algo.dual_clip' must be > 1, got {cfg.algo.dual_clip}.")
         n = cfg.prompts_per_step * cfg.group_size
@@ -368,7 +382,7 @@ def validate(cfg):
                 raise ConfigError(f"config key 'reward_weights' has {len(cfg.reward_weights)} weights for {n_src} reward sources "
                                   "(reward_funcs, then reward_model, then reward_url).")
             for w in cfg.reward_weights:
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w:
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                     raise ConfigError(f"config key 'reward_weights' must be a list of numbers, got {w!r} in "
                                       f"{cfg.reward_weights!r}.")
     if isinstance(cfg, SFTConfig):
@@ -377,6 +391,16 @@ def validate(cfg):
         for key in ("warmup_steps", "weight_decay"):
             positive(key, getattr(cfg, key), strict=False)
     return cfg
+
+
+def _numbers(cfg, prefix: str = ""):
+    """(dotted key, value) of every float-valued key (sections expanded)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, f"{prefix}{f.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{f.name}", value
 
 
 def to_dict(cfg) -> dict:

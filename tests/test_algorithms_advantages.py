@@ -38,10 +38,12 @@ def test_grpo_none_is_dr_grpo():
     close(grpo_advantages(r, 3, scale="none"), [-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
 
 
-def test_grpo_batch_std_of_centred_values():
+def test_grpo_batch_divides_by_the_std_of_the_batch_rewards():
+    """Lite PPO (Liu et al. 2025) / TRL scale_rewards="batch": group-centred reward over the
+    unbiased std of the batch's raw rewards (not of the centred ones)."""
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
-    # centred: [-1, 0, 1, 0, 0, 0]; mean 0; unbiased var = 2 / 5 -> std sqrt(0.4)
-    s = math.sqrt(0.4) + 1e-4
+    # batch mean 3.5; squared deviations 6.25 + 2.25 + 0.25 + 3 * 2.25 = 15.5; unbiased var 15.5 / 5 = 3.1
+    s = math.sqrt(3.1) + 1e-4
     close(grpo_advantages(r, 3, scale="batch"), [-1 / s, 0.0, 1 / s, 0.0, 0.0, 0.0])
 
 
@@ -277,3 +279,49 @@ def test_registry_missing_inputs_raise_and_register():
             register_advantage("_test_zero")(_zero)
     finally:
         ADVANTAGES.pop("_test_zero")
+
+
+# ------------------------------------------------------------------ invalid samples (reward NaN)
+
+NAN = float("nan")
+
+
+def test_grpo_statistics_over_the_valid_rows_only():
+    # group [1, 0, NaN, 1]: k = 3 valid, mean 2/3, unbiased std sqrt((1/9 + 4/9 + 1/9) / 2) = sqrt(1/3);
+    # counting the invalid row as its group's mean would divide by sqrt((6/9) / 3) instead: sqrt((G-1)/(k-1)) too small
+    r = torch.tensor([1.0, 0.0, NAN, 1.0])
+    s = math.sqrt(1 / 3) + 1e-4
+    close(grpo_advantages(r, 4), [(1 / 3) / s, (-2 / 3) / s, 0.0, (1 / 3) / s])
+    close(grpo_advantages(r, 4, scale="none"), [1 / 3, -2 / 3, 0.0, 1 / 3])
+    close(grpo_advantages(torch.tensor([NAN, 2.0, NAN, NAN]), 4), [0.0] * 4)   # one valid row: 0, never NaN
+    # batch: the std of the 5 valid rewards [1, 0, 1, 3, 5] (mean 2, squares 1 + 4 + 1 + 1 + 9 = 16, var 4)
+    rb = torch.tensor([1.0, 0.0, NAN, 1.0, 3.0, 5.0, NAN, NAN])
+    close(grpo_advantages(rb, 4, scale="batch"), [x / (2 + 1e-4) for x in [1 / 3, -2 / 3, 0.0, 1 / 3, -1.0, 1.0, 0.0, 0.0]])
+
+
+def test_rloo_baseline_over_the_other_valid_rows():
+    # group [1, NaN, 2, 6]: baselines (2+6)/2 = 4, -, (1+6)/2 = 3.5, (1+2)/2 = 1.5
+    close(rloo_advantages(torch.tensor([1.0, NAN, 2.0, 6.0]), 4), [-3.0, 0.0, -1.5, 4.5])
+    close(rloo_advantages(torch.tensor([NAN, 5.0]), 2), [0.0, 0.0])             # one valid row: no baseline
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_an_invalid_row_changes_no_other_row(name):
+    """Whatever an invalid row holds (its tokens, its step rewards), every other row's advantage is
+    the same as with the row removed from the batch's statistics; the invalid row gets 0."""
+    if name.startswith("_test"):
+        pytest.skip("registered by another test")
+    torch.manual_seed(3)
+    n, t_len = 8, 4
+    mask = torch.ones(n, t_len)
+    kw = dict(mask=mask, group_size=4, values=torch.randn(n, t_len), token_rewards=torch.randn(n, t_len),
+              step_rewards=torch.randn(n, 2), step_ends=torch.tensor([[1, 3]] * n))
+    rewards = torch.randn(n)
+    rewards[5] = NAN
+    adv, _ = ADVANTAGES[name](rewards=rewards, **kw)
+    kw2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kw.items()}
+    for k in ("values", "token_rewards", "step_rewards"):
+        kw2[k][5] = 1e6                                # garbage in the invalid row
+    adv2, _ = ADVANTAGES[name](rewards=rewards, **kw2)
+    close(adv, adv2)
+    assert (adv[5] == 0).all()

@@ -35,11 +35,15 @@ def test_off_policy_sequence_mask_per_sequence():
     old = torch.where(m.bool(), gap, INF)
     adv = torch.tensor([-1.0, -1.0, 1.0, -0.5, -2.0])
     keep = off_policy_sequence_mask(logp, old, adv, m, delta=0.1)
-    close(keep, [0.0, 1.0, 1.0, 0.0, 1.0])
+    one, zero = [1.0] * 4, [0.0] * 4
+    close(keep, [zero, one, one, zero, one])  # [N] advantages: one sign per row
     assert keep.dtype.is_floating_point and not keep.requires_grad
-    # [N, T] advantages: per-sequence mean of real tokens decides the sign
+    # [N, T] advantages: the divergence is per sequence, the sign per token (V3.2's M_{i,t});
+    # row 2 drifted (mean gap 0.3) and only its negative-advantage token is dropped, although
+    # its mean advantage (0.25) is positive; row 3's positive token is kept.
     adv_t = torch.tensor([[-1.0] * 4, [-1.0] * 4, [2.0, -1.0, 0.0, 0.0], [-1.0, 0.5, 9.0, 9.0], [-1.0] * 4])
-    close(off_policy_sequence_mask(logp, old, adv_t, m, 0.1), [0.0, 1.0, 1.0, 0.0, 1.0])
+    close(off_policy_sequence_mask(logp, old, adv_t, m, 0.1),
+          [zero, one, [1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0], one])
 
 
 def test_truncated_is_weights():

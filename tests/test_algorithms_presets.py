@@ -2,7 +2,7 @@
 
 import pytest
 
-from lmpo.algorithms import ADVANTAGES, AGGREGATIONS, PRESET_KEYS, PRESETS, resolve_preset
+from lmpo.algorithms import ADVANTAGES, AGGREGATIONS, PRESET_KEYS, PRESETS, overlong_buffer_tokens, resolve_preset
 
 EXPECTED_KEYS = {
     "advantage", "ratio_level", "eps_low", "eps_high", "dual_clip", "loss_agg", "kl_placement",
@@ -33,7 +33,9 @@ def test_preset_values():
     a = PRESETS["dapo"]
     assert (a["eps_low"], a["eps_high"], a["loss_agg"], a["kl_placement"], a["dynamic_sampling"]) == (
         0.2, 0.28, "token-mean", "none", True)
-    assert a["overlong_buffer"] > 0
+    assert a["overlong_buffer"] == "auto"  # a fifth of max_new_tokens, as the paper's 4096 of 20480
+    assert [overlong_buffer_tokens("auto", n) for n in (4, 8, 80, 20480)] == [0, 1, 16, 4096]
+    assert overlong_buffer_tokens(3, 80) == 3
     s = PRESETS["gspo"]
     assert (s["ratio_level"], s["eps_low"], s["eps_high"], s["kl_placement"]) == (
         "sequence", 3e-4, 4e-4, "none")

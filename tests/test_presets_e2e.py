@@ -38,7 +38,8 @@ def test_each_preset_takes_a_step(algorithm, sft_dir, tmp_path):
     m = train(cfg)
     assert _changed(before, tmp_path / algorithm / "final")
     rows = _metrics(tmp_path / algorithm)
-    assert rows[-1]["step"] == 1 and all(v is None or v == v for v in rows[-1].values() if isinstance(v, float))
+    bad = {k: v for k, v in rows[-1].items() if v is None or v in ("NaN", "Infinity", "-Infinity")}
+    assert rows[-1]["step"] == 1 and not bad, bad       # the logger writes NaN / inf as strings, never null
     if algorithm == "ppo":
         assert "critic/loss" in rows[-1] and (tmp_path / "ppo" / "checkpoint" / "critic").exists()
     if algorithm == "dapo":
@@ -49,15 +50,22 @@ def test_each_preset_takes_a_step(algorithm, sft_dir, tmp_path):
 def test_corrections_together(sft_dir, tmp_path):
     """Unbiased KL, off-policy sequence masking, kept sampling support, truncated IS, several
     minibatches (so π_θ moves away from π_old inside the step) and dual clip in one run."""
+    before = _weights(sft_dir)
     cfg = rl_config(sft_dir, tmp_path / "v32", max_steps=2, beta=0.1, top_k=5, top_p=0.9, minibatches=2, epochs=2,
                     old_logp="sampler")
     cfg.algo.unbiased_kl, cfg.algo.off_policy_delta, cfg.algo.keep_sampling_mask = True, 0.0, True
     cfg.algo.tis_cap, cfg.algo.dual_clip = 2.0, 3.0
     train(cfg)
     rows = _metrics(tmp_path / "v32")
-    assert "off_policy/masked_frac" in rows[-1]
-    assert 0.0 <= rows[-1]["off_policy/masked_frac"] <= 1.0
-    assert rows[-1]["kl"] >= 0
+    # π_old is the sampler (old_logp=sampler), so the TIS weight exp(old - sampler) is exactly 1
+    assert all(r["tis/weight_mean"] == 1.0 for r in rows)
+    # π_θ moved away from π_old within each step (4 optimizer steps per rollout) ...
+    assert all(r["actor/ratio_max"] > 1.0 and r["actor/ratio_min"] < 1.0 for r in rows)
+    # ... so with delta = 0 some negative-advantage tokens of drifted sequences were masked
+    assert any(r["off_policy/masked_frac"] > 0 for r in rows)
+    # the policy left the reference (step 2 starts from updated weights), and training changed them
+    assert rows[-1]["kl"] > 0
+    assert _changed(before, tmp_path / "v32" / "final")
 
 
 def test_keep_sampling_mask_makes_old_and_new_logp_agree(sft_dir, tmp_path):
@@ -78,12 +86,64 @@ def test_keep_sampling_mask_makes_old_and_new_logp_agree(sft_dir, tmp_path):
     assert (full[real] <= batch.sampler_logp[real] + 1e-6).all() and not torch.allclose(full[real], batch.sampler_logp[real])
 
 
+def test_sampler_logp_is_of_the_distribution_sampled_from(sft_dir, tmp_path):
+    """Under top-k without keep_sampling_mask the sampler still records the log-prob of the
+    truncated, renormalised distribution it sampled from: the same numbers as with the kept
+    support, above the trainer's full-vocabulary log-probs. Without truncation (top_p = 1,
+    top_k = 0) it is the full distribution, which the trainer recomputes."""
+    from lmpo.train import rl
+
+    run = setup(rl_config(sft_dir, tmp_path / "s", top_k=3))
+    kept, start = {}, run.prompts.state()
+    for keep in (False, True):
+        run.algo.keep_sampling_mask = keep
+        run.prompts.load(start)
+        kept[keep], _ = rl.collect(run, rl.Timer())               # same prompts, step and seeds: the same tokens
+    plain, support = kept[False], kept[True]
+    assert torch.equal(plain.completion_ids, support.completion_ids)
+    real = plain.mask > 0
+    assert torch.equal(plain.sampler_logp[real], support.sampler_logp[real])
+    run.algo.keep_sampling_mask = False
+    full = rl.logp_of(run, run.policy, plain)
+    assert (full[real] <= plain.sampler_logp[real] + 1e-6).all() and not torch.allclose(full[real], plain.sampler_logp[real])
+    run.cfg.top_k = 0
+    untruncated, _ = rl.collect(run, rl.Timer())
+    real = untruncated.mask > 0
+    torch.testing.assert_close(rl.logp_of(run, run.policy, untruncated)[real], untruncated.sampler_logp[real],
+                               atol=1e-5, rtol=0)
+
+
 def test_process_supervision_step(sft_dir, tmp_path):
+    """The process advantage through the loop (collect, prepare) equals DeepSeekMath's §4.1.3
+    worked out here by hand from the batch's step rewards: normalise every step reward of a group
+    by the group's mean and unbiased std, then give each token the sum over the steps ending at or
+    after it. Then a step of training changes the weights."""
+    from lmpo.train import rl
+
     cfg = rl_config(sft_dir, tmp_path / "proc", reward_funcs=["addition_digit_steps"], beta=0.0)
     cfg.algo.advantage = "process"
-    train(cfg)
-    rows = _metrics(tmp_path / "proc")
-    assert rows[-1]["reward/mean"] is not None
+    run = setup(cfg)
+    batch, _ = rl.collect(run, rl.Timer())
+    rl.prepare(run, batch)
+    G, (N, T) = cfg.group_size, batch.mask.shape
+    want = torch.zeros(N, T, dtype=torch.float64)
+    for g in range(N // G):
+        rows = [i for i in range(g * G, g * G + G) if batch.valid[i]]
+        steps = [(i, float(r), int(e)) for i in rows for r, e in zip(batch.step_rewards[i], batch.step_ends[i])
+                 if e >= 0 and r == r]
+        vals = [r for _, r, _ in steps]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        for i, r, e in steps:
+            for t in range(int(batch.mask[i].sum())):
+                if min(e, T - 1) >= t:
+                    want[i, t] += (r - mean) / (std + 1e-4)
+    assert want.abs().sum() > 0                                  # the steps carry a signal
+    torch.testing.assert_close(batch.adv.double(), want, atol=1e-5, rtol=0)
+    before = [p.detach().clone() for p in run.policy.parameters()]
+    stats = rl.update(run, batch, rl.Timer())
+    assert stats["train/skipped_steps"] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))
 
 
 def test_iterative_grpo_resets_the_reference(sft_dir, tmp_path):
@@ -130,8 +190,12 @@ def test_keep_routing_on_a_tiny_moe(tmp_path):
     logp = rl.logp_of(run, run.policy, batch)           # replayed routing: same experts as sampling
     real = batch.mask > 0
     assert torch.allclose(logp[real], batch.sampler_logp[real], atol=1e-5)
+    batch.rewards = torch.arange(float(n))             # distinct rewards: a random model earns none by itself
     rl.prepare(run, batch)
-    rl.update(run, batch, rl.Timer())
+    before = [p.detach().clone() for p in run.policy.parameters()]
+    stats = rl.update(run, batch, rl.Timer())
+    assert stats["train/skipped_steps"] == 0 and stats["grad_norm"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))  # replayed routing trains
 
 
 def test_iterative_grpo_retrains_the_reward_model(sft_dir, tmp_path):

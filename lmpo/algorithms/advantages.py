@@ -35,51 +35,81 @@ def _float(x: Tensor) -> Tensor:
 def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
     """Group-relative advantage of GRPO.
 
-    A_i = (r_i - mean_g(r)) / (std_g(r) + eps), std = torch's unbiased std (divides by G-1).
+    A_i = (r_i - mean_g(r)) / (std_g(r) + eps), std = the unbiased std (divides by k-1).
 
     Paper: Shao et al. 2024, "DeepSeekMath" (GRPO). It differs from PPO's advantage in
     replacing a learned critic by the statistics of G samples of the same prompt.
 
     scale="group": divide by the group's unbiased std (GRPO).
-    scale="batch": subtract the group mean, then divide by the unbiased std of those centred
-        values over the whole batch (REINFORCE++-baseline style; Hu 2025).
+    scale="batch": subtract the group mean, then divide by the unbiased std of the batch's
+        rewards (Liu et al. 2025, "Tricks or Traps? A Deep Dive into RL for LLM Reasoning"
+        (Lite PPO), as TRL's scale_rewards="batch"); it differs from "group" in using one
+        global scale, robust to groups whose rewards barely vary.
     scale="none": only subtract the group mean (Dr. GRPO, Liu et al. 2025, which removes the
         std because it up-weights too-easy / too-hard prompts).
-    A group of size 1 has advantage 0 (its std is undefined; we use 0, never NaN).
+
+    Invalid samples (reward NaN) are left out of every statistic: mean and std of a group are
+    over its k valid rows, the batch std over all valid rows; an invalid row gets advantage 0.
+    A group with one valid row (or of size 1) has advantage 0 (its std is undefined; 0, never NaN).
+    Statistics are taken in float64 (sums of rewards near 3e38 do not overflow) and the result
+    has the rewards' float dtype; a complete group (every row valid) of a "group" or "none"
+    scale is computed as before in the rewards' dtype with torch's mean and std, bit for bit the
+    numbers lmpo's figures were measured with, unless that overflows.
     """
     r = _float(rewards)  # [N]
     n_groups = check_groups(r.shape[0], group_size)
-    g = r.view(n_groups, group_size)  # [B, G]
-    centred = g - g.mean(-1, keepdim=True)  # [B, G]
-    if scale == "none":
-        return centred.reshape(-1)
-    if scale == "group":
-        std = g.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(g[:, :1])  # [B, 1]
-    elif scale == "batch":
-        std = centred.std() if centred.numel() > 1 else torch.zeros((), dtype=r.dtype, device=r.device)
-    else:
+    if scale not in ("group", "batch", "none"):
         raise ValueError(f"scale={scale!r}; allowed: 'group', 'batch', 'none'")
-    return (centred / (std + eps)).reshape(-1)
+    g = r.view(n_groups, group_size)  # [B, G]
+    valid = ~torch.isnan(g)  # [B, G]
+    x = clean(g.double(), valid)  # [B, G]
+    k = valid.sum(-1, keepdim=True).double()  # [B, 1] valid rows per group
+    mean = x.sum(-1, keepdim=True) / k.clamp(min=1)  # [B, 1]
+    adv = clean(x - mean, valid)  # [B, G] group-centred
+    if scale == "group":
+        adv = adv / (_std(adv, valid, k) + eps)
+    elif scale == "batch":
+        n = valid.sum().double()
+        adv = adv / (_std(clean(x - x.sum() / n.clamp(min=1), valid), valid, n) + eps)
+    if scale != "batch" and group_size > 1:  # complete groups: the float32 computation of before
+        fast = g - g.mean(-1, keepdim=True)  # [B, G]
+        std = g.std(-1, keepdim=True) if scale == "group" else torch.zeros_like(fast[:, :1])  # [B, 1]
+        use = valid.all(-1, keepdim=True) & torch.isfinite(fast) & torch.isfinite(std)
+        fast = fast / (std + eps) if scale == "group" else fast
+        return torch.where(use, fast, adv.to(r.dtype)).reshape(-1)
+    return adv.reshape(-1).to(r.dtype)
+
+
+def _std(centred: Tensor, valid: Tensor, k: Tensor) -> Tensor:
+    """Unbiased std sqrt(sum(centred^2) / (k - 1)) over the valid entries of the last dim
+    (of everything when k is 0-dim); 0 when k <= 1."""
+    sq = clean(centred ** 2, valid)
+    ss = sq.sum(-1, keepdim=True) if k.dim() else sq.sum()
+    return (ss / (k - 1).clamp(min=1)).sqrt()
 
 
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """REINFORCE leave-one-out advantage.
 
-    A_i = r_i - (1/(G-1)) * sum_{j != i in group} r_j  = G/(G-1) * (r_i - mean_g(r)).
+    A_i = r_i - (1/(k-1)) * sum_{j != i, j valid in group} r_j  = k/(k-1) * (r_i - mean_g(r)).
 
     Paper: Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization
     for Learning from Human Feedback in LLMs" (Kool et al. 2019 for the estimator). It
     differs from GRPO's mean baseline in excluding the sample itself (so the baseline is
     independent of r_i and the gradient unbiased) and in not dividing by a std.
-    A group of size 1 has advantage 0.
+    Invalid samples (reward NaN) are in no baseline and get advantage 0; k counts a group's
+    valid rows; a group with k <= 1 (or of size 1) has advantage 0. Sums in float64 (no
+    overflow); the result has the rewards' float dtype.
     """
     r = _float(rewards)  # [N]
     n_groups = check_groups(r.shape[0], group_size)
-    if group_size == 1:
-        return torch.zeros_like(r)
     g = r.view(n_groups, group_size)  # [B, G]
-    baseline = (g.sum(-1, keepdim=True) - g) / (group_size - 1)  # [B, G]
-    return (g - baseline).reshape(-1)
+    valid = ~torch.isnan(g)  # [B, G]
+    x = clean(g.double(), valid)  # [B, G]
+    k = valid.sum(-1, keepdim=True).double()  # [B, 1]
+    baseline = (x.sum(-1, keepdim=True) - x) / (k - 1).clamp(min=1)  # [B, G]
+    adv = torch.where(valid & (k > 1), x - baseline, torch.zeros_like(x))
+    return adv.reshape(-1).to(r.dtype)
 
 
 def gae_advantages(
@@ -138,20 +168,23 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) 
     return clean(out * torch.rsqrt(var + eps), m)
 
 
-def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor) -> Tensor:
-    """REINFORCE++ advantage: the reward-to-go, whitened over the batch.
+def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ advantage: the discounted reward-to-go, whitened over the batch.
 
-    G_t = sum_{s >= t, s real} r_s  (gamma = 1), A = whiten(G) over all real tokens of the batch.
+    G_t = sum_{s >= t, s real} gamma^(number of real tokens from t to s, exclusive) r_s,
+    A = whiten(G) over all real tokens of the batch (population variance, see `whiten`).
 
     Paper: Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large
-    Language Models". It differs from GRPO in using a global (batch) normalisation instead
-    of per-prompt group statistics, and per-token returns (KL-in-reward makes them differ).
-    Zero at masked positions.
+    Language Models" (discounted return, as verl's implementation). It differs from GRPO in
+    using a global (batch) normalisation instead of per-prompt group statistics, and per-token
+    returns (KL-in-reward makes them differ). Masked positions are skipped like GAE's holes
+    (the return is GAE's with V = 0 and lam = 1). Computed in float64 (sums of huge rewards do
+    not overflow); the result has the rewards' float dtype. Zero at masked positions.
     """
     m = as_bool(mask)  # [N, T]
     r = clean(_float(token_rewards), m)  # [N, T]
-    returns = r.flip(-1).cumsum(-1).flip(-1)  # [N, T]
-    return whiten(returns, m)
+    returns, _ = gae_advantages(r.double(), torch.zeros_like(r, dtype=torch.float64), m, gamma=gamma, lam=1.0)
+    return whiten(returns, m).to(r.dtype)
 
 
 def process_advantages(
@@ -194,7 +227,9 @@ def process_advantages(
 # ---------------------------------------------------------------------------------------------
 # Registry: one signature for every estimator.
 #   fn(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-#      step_ends=None, gamma=1.0, lam=0.95) -> (adv [N, T], returns [N, T] | None)
+#      step_ends=None, gamma=1.0, lam=0.95, eps=1e-4) -> (adv [N, T], returns [N, T] | None)
+# rewards NaN marks an invalid sample (its reward failed): it is left out of every group and
+# batch statistic and its row gets advantage 0 (and returns 0).
 # ---------------------------------------------------------------------------------------------
 
 AdvantageFn = Callable[..., "tuple[Tensor, Optional[Tensor]]"]
@@ -213,12 +248,19 @@ def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
     return deco
 
 
+def _valid_mask(rewards: Tensor, mask: Tensor) -> Tensor:
+    """The token mask [N, T] with the rows of invalid samples (reward NaN) removed."""
+    return as_bool(mask) & ~torch.isnan(_float(rewards))[:, None]
+
+
 def _sequence_rewards(rewards: Tensor, token_rewards: Optional[Tensor], m: Tensor) -> Tensor:
     """Sequence rewards [N]: `rewards`, or the row sum of `token_rewards` over real tokens when
-    given (so KL-in-reward reaches sequence-level estimators)."""
+    given (so KL-in-reward reaches sequence-level estimators); NaN where `rewards` is NaN."""
+    r = _float(rewards)
     if token_rewards is None:
-        return _float(rewards)
-    return clean(_float(token_rewards), m).sum(-1)
+        return r
+    total = clean(_float(token_rewards), m).sum(-1)
+    return torch.where(torch.isnan(r), r, total.to(r.dtype))
 
 
 def _token_rewards(rewards: Tensor, token_rewards: Optional[Tensor], m: Tensor) -> Tensor:
@@ -228,64 +270,68 @@ def _token_rewards(rewards: Tensor, token_rewards: Optional[Tensor], m: Tensor) 
     return place_on_last_token(_float(rewards), m)
 
 
+def _group_adv(scale, rewards, mask, group_size, token_rewards, eps):
+    m = _valid_mask(rewards, mask)
+    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale=scale, eps=eps)
+    return per_token(adv, m), None
+
+
 @register_advantage("group_norm")
 def _group_norm(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                step_ends=None, gamma=1.0, lam=0.95):
+                step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
     """GRPO: grpo_advantages(scale="group") broadcast to [N, T]."""
-    m = as_bool(mask)
-    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale="group")
-    return per_token(adv, m), None
+    return _group_adv("group", rewards, mask, group_size, token_rewards, eps)
 
 
 @register_advantage("group_mean")
 def _group_mean(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                step_ends=None, gamma=1.0, lam=0.95):
+                step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
     """Dr. GRPO: grpo_advantages(scale="none") broadcast to [N, T]."""
-    m = as_bool(mask)
-    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale="none")
-    return per_token(adv, m), None
+    return _group_adv("none", rewards, mask, group_size, token_rewards, eps)
 
 
 @register_advantage("batch_norm")
 def _batch_norm(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                step_ends=None, gamma=1.0, lam=0.95):
-    """Group mean subtracted, divided by the batch std: grpo_advantages(scale="batch")."""
-    m = as_bool(mask)
-    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale="batch")
-    return per_token(adv, m), None
+                step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+    """Lite PPO / TRL scale_rewards="batch": grpo_advantages(scale="batch") broadcast to [N, T]."""
+    return _group_adv("batch", rewards, mask, group_size, token_rewards, eps)
 
 
 @register_advantage("leave_one_out")
 def _leave_one_out(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                   step_ends=None, gamma=1.0, lam=0.95):
+                   step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
     """RLOO: rloo_advantages broadcast to [N, T]."""
-    m = as_bool(mask)
+    m = _valid_mask(rewards, mask)
     adv = rloo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size)
     return per_token(adv, m), None
 
 
 @register_advantage("reinforce_pp")
 def _reinforce_pp(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                  step_ends=None, gamma=1.0, lam=0.95):
-    """REINFORCE++: reinforce_pp_advantages on token_rewards (or rewards on the last token)."""
-    m = as_bool(mask)
-    return reinforce_pp_advantages(_token_rewards(rewards, token_rewards, m), m), None
+                  step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+    """REINFORCE++: reinforce_pp_advantages on token_rewards (or rewards on the last token), discount gamma."""
+    m = _valid_mask(rewards, mask)
+    return reinforce_pp_advantages(_token_rewards(rewards, token_rewards, m), m, gamma=gamma), None
 
 
 @register_advantage("gae")
 def _gae(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-         step_ends=None, gamma=1.0, lam=0.95):
+         step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
     """PPO: gae_advantages on token_rewards (or rewards on the last token); needs values."""
     if values is None:
         raise ValueError("advantage 'gae' needs values (a critic); got values=None")
-    m = as_bool(mask)
+    m = _valid_mask(rewards, mask)
     return gae_advantages(_token_rewards(rewards, token_rewards, m), values, m, gamma=gamma, lam=lam)
 
 
 @register_advantage("process")
 def _process(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-             step_ends=None, gamma=1.0, lam=0.95):
-    """DeepSeekMath process supervision: process_advantages; needs step_rewards and step_ends."""
+             step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+    """DeepSeekMath process supervision: process_advantages; needs step_rewards and step_ends.
+    The steps of invalid samples (reward NaN) are left out of the group statistics."""
     if step_rewards is None or step_ends is None:
         raise ValueError("advantage 'process' needs step_rewards and step_ends")
-    return process_advantages(step_rewards, step_ends, mask, group_size), None
+    m = _valid_mask(rewards, mask)
+    sr = _float(step_rewards)  # [N, S]
+    sr = torch.where(torch.isnan(_float(rewards))[:, None], torch.full_like(sr, float("nan")), sr)
+    return process_advantages(sr, step_ends, m, group_size, eps=eps), None

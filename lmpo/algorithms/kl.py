@@ -72,10 +72,11 @@ def unbiased_kl(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, kind: str = "k
 
 
 def kl_in_reward(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
-                 beta: Union[float, Tensor]) -> Tensor:
+                 beta: Union[float, Tensor], kind: str = "k1") -> Tensor:
     """Per-token reward with the KL penalty folded in (InstructGPT).  # [N, T]
 
-    r_t = -beta * (logp_t - ref_logp_t) on every real token, + score_i on the last real token.
+    r_t = -beta * k(logp_t, ref_logp_t) on every real token, + score_i on the last real token,
+    with k the estimator `kind` of `kl_penalty` (k1 = logp - ref_logp, InstructGPT's choice).
 
     Paper: Ouyang et al. 2022, "Training language models to follow instructions with human
     feedback" (after Ziegler et al. 2019). It differs from GRPO's KL-in-loss in making the KL
@@ -84,8 +85,8 @@ def kl_in_reward(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
     with no real tokens gets nothing (not even its score).
     """
     m = as_bool(mask)  # [N, T]
-    k1 = clean(logp - ref_logp, m)  # [N, T]
-    return -beta * k1 + place_on_last_token(scores, m).to(k1.dtype)
+    kl = kl_penalty(logp, ref_logp, kind, mask=m)  # [N, T]
+    return -beta * kl + place_on_last_token(scores, m).to(kl.dtype)
 
 
 def adaptive_kl_coef(beta: float, observed_kl: float, target: float, horizon: float,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._common import as_bool, check_groups, clean, per_sequence, row_mean
+from ._common import as_bool, check_groups, clean, per_token, row_mean
 
 __all__ = [
     "off_policy_sequence_mask",
@@ -21,22 +21,25 @@ __all__ = [
 @torch.no_grad()
 def off_policy_sequence_mask(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                              delta: float) -> Tensor:
-    """DeepSeek-V3.2's off-policy sequence mask, float [N] (1 = keep).
+    """DeepSeek-V3.2's off-policy sequence mask M, float [N, T] (1 = keep, 0 at masked positions).
 
-    drop_i  <=>  A_i < 0  and  (1/|o_i|) sum_t (old_logp_it - logp_it) > delta,
+    M_it = 0  <=>  A_it < 0  and  (1/|o_i|) sum_t (old_logp_it - logp_it) > delta,
     where old_logp is the sampling policy's log-prob and logp the current policy's.
 
     Paper: DeepSeek-AI 2025, "DeepSeek-V3.2" (off-policy sequence masking). It differs from
-    PPO clipping in acting on whole negative-advantage sequences whose mean log-ratio (a KL
-    estimate) says they drifted too far, rather than on single tokens. Decided per sequence:
-    one very off-policy token in an otherwise close sequence does not drop it. advantages
-    [N] or [N, T] (then the mean over each row's real tokens). No gradient.
+    PPO clipping in acting on the negative-advantage tokens of a whole sequence whose mean
+    log-ratio (a KL estimate) says it drifted too far, rather than on single tokens: the
+    divergence is decided per sequence (one very off-policy token in an otherwise close
+    sequence does not drop it), the sign per token, as in the paper's M_{i,t} (it matters for
+    per-token advantages: GAE, REINFORCE++, process supervision, whitening). advantages [N]
+    (one sign per row) or [N, T]. M multiplies the clipped policy term only: the KL term stays.
+    No gradient.
     """
     m = as_bool(mask)
     kl = row_mean(old_logp - logp, m)  # [N]
-    adv = per_sequence(advantages, m)  # [N]
-    drop = (adv < 0) & (kl > delta)
-    return (~drop).to(kl.dtype)
+    adv = per_token(advantages, m)  # [N, T]
+    drop = (adv < 0) & (kl > delta)[:, None]  # [N, T]
+    return (m & ~drop).to(kl.dtype)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from .advantages import ADVANTAGES
 from .kl import KL_ESTIMATORS
 from .losses import AGGREGATIONS
 
-__all__ = ["PRESETS", "PRESET_KEYS", "resolve_preset"]
+__all__ = ["PRESETS", "PRESET_KEYS", "resolve_preset", "overlong_buffer_tokens"]
 
 PRESET_KEYS = (
     "advantage",          # key of ADVANTAGES
@@ -28,7 +28,7 @@ PRESET_KEYS = (
     "whiten_advantages",  # bool: whiten(adv, mask) after the estimator
     "critic",             # None | "separate" | "shared"
     "dynamic_sampling",   # bool: drop zero-std groups (DAPO)
-    "overlong_buffer",    # int tokens, 0 = off (DAPO soft overlong punishment)
+    "overlong_buffer",    # int tokens, 0 = off, "auto" = max_new_tokens // 5 (DAPO soft overlong punishment)
     "overlong_penalty",   # float: the penalty at/over max_len
 )
 
@@ -56,10 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dr_grpo": _preset(advantage="group_mean", loss_agg="seq-mean-token-sum-norm",
                        kl_placement="none"),
     # DAPO (Yu et al. 2025): clip-higher, token-mean, no KL, dynamic sampling, soft overlong
-    # punishment over the last 16 tokens (the paper uses 4096 of 20480; 16 suits the small
-    # max_new_tokens of CPU demos; set it to about max_new_tokens / 5 for long generations).
+    # punishment over the last fifth of the generation budget (the paper: 4096 of 20480).
     "dapo": _preset(eps_high=0.28, loss_agg="token-mean", kl_placement="none",
-                    dynamic_sampling=True, overlong_buffer=16),
+                    dynamic_sampling=True, overlong_buffer="auto"),
     # GSPO (Zheng et al. 2025): sequence-level ratio, tiny clip range from the paper, no KL.
     "gspo": _preset(ratio_level="sequence", eps_low=3e-4, eps_high=4e-4, kl_placement="none"),
     # RLOO (Ahmadian et al. 2024): leave-one-out baseline, KL (k1) in the reward as in the
@@ -94,8 +93,15 @@ def _check(cfg: dict[str, Any]) -> None:
             raise ValueError(f"{key}={cfg[key]!r}; allowed: a float in [0, 1)")
     if cfg["dual_clip"] is not None and not cfg["dual_clip"] > 1:
         raise ValueError(f"dual_clip={cfg['dual_clip']!r}; allowed: None or a float > 1")
-    if int(cfg["overlong_buffer"]) != cfg["overlong_buffer"] or cfg["overlong_buffer"] < 0:
-        raise ValueError(f"overlong_buffer={cfg['overlong_buffer']!r}; allowed: an int >= 0")
+    ob = cfg["overlong_buffer"]
+    if ob != "auto" and (isinstance(ob, str) or int(ob) != ob or ob < 0):
+        raise ValueError(f"overlong_buffer={ob!r}; allowed: an int >= 0 or 'auto'")
+
+
+def overlong_buffer_tokens(value, max_new_tokens: int) -> int:
+    """The overlong buffer in tokens: an int as it is; "auto" (the DAPO preset) = max_new_tokens // 5,
+    the paper's ratio (4096 of 20480), so the preset fits any generation budget (0 = off below 5)."""
+    return max_new_tokens // 5 if value == "auto" else int(value)
 
 
 def _did_you_mean(word: str, options) -> str:

@@ -62,7 +62,10 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
     prompt_ids, prompt_mask: [B, P] left-padded. Returns a dict of tensors on the model's device:
     ``completion_ids`` [N, T], ``mask`` [N, T] (real tokens, EOS included), ``sampler_logp`` [N, T],
     ``truncated`` [N], and ``keep_mask`` [N, T, V] when ``keep_support``; N = B·G, T ≤ max_new_tokens.
-    ``temperature == 0`` is greedy decoding (log-probs then come from the untempered distribution).
+    ``sampler_logp`` is the log-prob under the distribution actually sampled from: with top-p /
+    top-k the truncated, renormalised one (so it is >= the full-vocabulary log-prob the trainer
+    computes unless ``keep_sampling_mask``). ``temperature == 0`` is greedy decoding (log-probs then
+    come from the untempered distribution).
     ``uniforms`` [N, max_new_tokens] drive the sampling (see ``sample_tokens``); by default they are
     drawn from ``generator``. ``routing``: a ``lmpo.models.moe.RoutingRecorder`` active around this
     call, told when rows are expanded (after the prefill) and when finished rows leave.
@@ -93,10 +96,9 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
             dist_logits = logits
             tok = logits.argmax(-1)
         else:
-            dist_logits = filter_logits(logits / temperature, top_k, top_p) if keep_support else logits / temperature
-            sample_logits = dist_logits if keep_support else filter_logits(dist_logits, top_k, top_p)
-            tok = sample_tokens(sample_logits, uniforms[alive, t])
-        logp = dist_logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)
+            dist_logits = filter_logits(logits / temperature, top_k, top_p)    # the distribution sampled from
+            tok = sample_tokens(dist_logits, uniforms[alive, t])
+        logp = dist_logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)  # top-p/top-k: renormalised
         tokens[alive, t] = tok
         logps[alive, t] = logp
         if keep is not None:

@@ -51,10 +51,12 @@ def _fmt(v) -> str:
 
 
 def _plain(v):
+    """A JSON value; a non-finite float as the string "NaN", "Infinity" or "-Infinity" (JSON has no
+    such numbers; ``float()`` reads the strings back), never null."""
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return None
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
     return v
 
 
@@ -62,4 +64,9 @@ def read_metrics(output_dir) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line, object_hook=_floats) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _floats(row: dict) -> dict:
+    """The "NaN" / "Infinity" / "-Infinity" strings ``_plain`` writes, as floats again."""
+    return {k: float(v) if v in ("NaN", "Infinity", "-Infinity") else v for k, v in row.items()}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .. import algorithms as A
-from ..config import Config, to_dict
+from ..config import Config, ConfigError, to_dict
 from ..data import render_prompt
 from ..rollout import RolloutBatch
 from ..rollout.engine import SamplingSpec, make_engine
@@ -24,6 +24,11 @@ from . import distributed as D
 from .forward import completion_logp, sequence_inputs
 from .logging import MetricsLogger
 from .setup import Run, checkpoint, setup
+
+
+class DivergedError(ConfigError):
+    """Training diverged: non-finite losses, gradients or weights (almost always a setting: the
+    learning rate, the gradient clipping, the rewards). Exit status 2 from the CLI."""
 
 
 class Timer(dict):
@@ -70,14 +75,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
                 metrics.update(evaluate_policy(run))
             log.log(run.step, metrics, samples(batch, cfg.log_samples))
             if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
+                check_finite_weights(run)
                 checkpoint(run)
     except BaseException:
-        if run.step > 0:
+        if run.step > 0 and weights_finite(run, collective=False):
             checkpoint(run, crashing=True)  # a crash or Ctrl-C still leaves a resumable checkpoint
         raise
     finally:
         log.close()
         run.close()
+    check_finite_weights(run)
     save_final(run)
     if run.eval_rows:
         metrics.update(evaluate_policy(run))
@@ -224,8 +231,9 @@ def score(run: Run, batch: RolloutBatch, state=None) -> dict:
     if run.algo.overlong_buffer:
         rewards = rewards + A.overlong_penalty(lengths, run.cfg.max_new_tokens, run.algo.overlong_buffer,
                                                run.algo.overlong_penalty)
+    valid = valid & torch.isfinite(rewards)      # float32: 1e39 is inf there; NaN or inf = an invalid sample
     batch.rewards, batch.valid = rewards, valid
-    r = rewards[valid]
+    r = rewards[valid].double()                  # float64: sums of rewards near 3e38 do not overflow
     return {"_n": 1, **metrics,
             "reward/mean": float(r.mean()) if r.numel() else float("nan"),
             "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
@@ -292,7 +300,7 @@ def prepare(run: Run, batch: RolloutBatch) -> dict:
     """Fill old/ref log-probs, values, per-token rewards, advantages and masks."""
     cfg, algo = run.cfg, run.algo
     batch.mask = batch.mask * batch.valid[:, None]                           # invalid samples: no gradient
-    rewards = torch.where(batch.valid, batch.rewards, group_fill(batch.rewards, batch.valid, cfg.group_size))
+    rewards = torch.where(batch.valid, batch.rewards, torch.full_like(batch.rewards, float("nan")))  # NaN: in no statistic
     if old_logp_mode(run) == "recompute":
         batch.old_logp = logp_of(run, run.policy, batch)
     elif old_logp_mode(run) == "sampler":
@@ -306,7 +314,8 @@ def prepare(run: Run, batch: RolloutBatch) -> dict:
     stats = {}
     if algo.kl_placement == "reward" and batch.ref_logp is not None:
         behaviour = batch.old_logp if batch.old_logp is not None else batch.sampler_logp
-        batch.token_rewards = A.kl_in_reward(rewards, behaviour, batch.ref_logp, batch.mask, run.beta)  # [N, T]
+        batch.token_rewards = A.kl_in_reward(rewards, behaviour, batch.ref_logp, batch.mask, run.beta,
+                                             algo.kl_estimator)                                    # [N, T]
         stats["kl_reward"] = float(((behaviour - batch.ref_logp) * batch.mask).sum() / batch.mask.sum().clamp(min=1))
     batch.adv, batch.returns = D.global_rows(                                 # batch statistics over all ranks
         run, lambda **rows: advantages(run, **rows), rewards=rewards, mask=batch.mask,
@@ -322,15 +331,8 @@ def advantages(run: Run, *, mask, **rows) -> tuple:
     """The estimator, then whitening over the batch's real tokens when the algorithm asks for it."""
     algo = run.algo
     adv, returns = A.ADVANTAGES[algo.advantage](mask=mask, group_size=run.cfg.group_size, gamma=algo.gamma,
-                                                lam=algo.lam, **rows)        # [N, T]
+                                                lam=algo.lam, eps=algo.adv_eps, **rows)        # [N, T]
     return (A.whiten(adv, mask) * mask if algo.whiten_advantages else adv), returns
-
-
-def group_fill(rewards, valid, group_size):
-    """Each row's group mean over valid rows (0 when none): the stand-in reward of an invalid row."""
-    g = torch.where(valid, rewards, torch.zeros_like(rewards)).view(-1, group_size)
-    n = valid.view(-1, group_size).sum(-1, keepdim=True).clamp(min=1)
-    return (g.sum(-1, keepdim=True) / n).expand_as(g).reshape(-1)
 
 
 def old_logp_mode(run: Run) -> str:
@@ -385,7 +387,7 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
     """μ epochs over the batch, each split into ``minibatches`` optimizer steps. Groups are shuffled
     whole, so a group's rows stay together and its prompt is computed once in the forward."""
     cfg = run.cfg
-    sums: dict = {}
+    sums: dict = {"train/skipped_steps": 0}
     n_updates = 0
     G = cfg.group_size if len(batch) % cfg.group_size == 0 else 1
     for _ in range(cfg.epochs):
@@ -397,17 +399,24 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
             run.optimizer.zero_grad(set_to_none=True)
             if run.critic_optimizer is not None:
                 run.critic_optimizer.zero_grad(set_to_none=True)
+            loss_finite = True
             with t("update"):
                 for idx in micro_batches(run, torch.arange(len(mb))):
                     loss, stats = loss_fn(run, mb.select(idx), totals)
                     loss.backward()
+                    loss_finite &= math.isfinite(stats["loss"])
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * len(idx) / len(mb)
             with t("optimizer"):
                 D.sync_grads(run)           # sum over ranks: each rank's loss is its share of the global loss
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + clip_and_step(run)
+                bad = torch.tensor(float(not loss_finite), device=run.device)
+                loss_finite = float(D.all_sum(run, {"bad": bad})["bad"]) == 0     # every rank decides alike
+                norm, stepped = clip_and_step(run, loss_finite)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
             n_updates += 1
-    out = {k: v / n_updates for k, v in sums.items()}
+            count_skip(run, stepped)
+            sums["train/skipped_steps"] += not stepped
+    out = {k: v / n_updates if k != "train/skipped_steps" else v for k, v in sums.items()}
     out["lr"] = run.scheduler.get_last_lr()[0]
     out["beta"] = run.beta
     return out
@@ -422,26 +431,27 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
                                                 with_entropy=True, value_head=run.value_head)    # [n, T]
     old = mb.old_logp if mb.old_logp is not None else logp.detach()
     mask = mb.mask
+    real = mask > 0
     stats = {}
-    if algo.off_policy_delta is not None:
-        keep = A.off_policy_sequence_mask(logp.detach(), mb.sampler_logp, mb.adv, mask, algo.off_policy_delta)  # [n]
-        stats["off_policy/masked_frac"] = float(1 - keep.float().mean())
-        mask = mask * keep[:, None]
     per_tok = A.policy_loss(logp, old, mb.adv, mask, algo.eps_low, algo.eps_high, level=algo.ratio_level,
                             dual_clip=algo.dual_clip)                                             # [n, T]
     if algo.tis_cap is not None:            # the sampler is not π_old (another engine, stale weights): reweight
         is_w = A.truncated_is_weights(old, mb.sampler_logp, mask, algo.tis_cap)                   # [n, T]
         per_tok = per_tok * is_w
-        stats["tis/weight_mean"] = float(is_w[mask > 0].mean()) if (mask > 0).any() else 1.0
+        stats["tis/weight_mean"] = float(is_w[real].mean()) if real.any() else 1.0
+    if algo.off_policy_delta is not None:   # V3.2: M multiplies the clipped policy term only, the KL below stays
+        adv = mb.adv if algo.ratio_level == "token" else (mb.adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # GSPO: A_i
+        keep = A.off_policy_sequence_mask(logp.detach(), mb.sampler_logp, adv, mask, algo.off_policy_delta)  # [n, T]
+        stats["off_policy/masked_frac"] = float(1 - keep[real].mean()) if real.any() else 0.0
+        per_tok = per_tok * keep
     kl = None
     if mb.ref_logp is not None:
-        kl = A.unbiased_kl(logp, old, mb.ref_logp, mask=mask) if algo.unbiased_kl else \
+        kl = A.unbiased_kl(logp, old, mb.ref_logp, algo.kl_estimator, mask=mask) if algo.unbiased_kl else \
             A.kl_penalty(logp, mb.ref_logp, algo.kl_estimator, mask=mask)                         # [n, T]
         if algo.kl_placement == "loss":
             per_tok = per_tok + run.beta * kl
     agg = dict(mode=algo.loss_agg, max_len=algo.max_len, **totals)
     loss = A.aggregate_loss(per_tok, mask, **agg)
-    real = mask > 0
     with torch.no_grad():
         if mb.old_logp is None or not real.any():  # π_old is the current policy: ρ = 1 exactly, nothing clipped
             ratio_stats = {"actor/clip_frac": 0.0, "actor/ratio_mean": 1.0, "actor/ratio_max": 1.0, "actor/ratio_min": 1.0}
@@ -487,15 +497,59 @@ def ptx_loss(run: Run, share: float) -> torch.Tensor:
         return completion_nll(run.policy, ids.to(run.device), attn.to(run.device), lab.to(run.device)) * share
 
 
-def clip_and_step(run: Run) -> float:
+def clip_and_step(run: Run, loss_finite: bool = True) -> tuple[float, bool]:
+    """Clip the gradients and take the optimizer step; returns (policy grad norm, stepped). A
+    non-finite loss or gradient norm (policy or critic) skips the step: the gradients are dropped,
+    the weights, the optimizer state and the learning-rate schedule stay as they were. The norms
+    are of the gradients summed over ranks, so every rank takes the same decision."""
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm or float("inf"))
+    norm = float(torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm or float("inf")))
+    c_norm = 0.0
+    if run.critic_optimizer is not None:
+        c_norm = float(torch.nn.utils.clip_grad_norm_(run.critic.parameters(), run.cfg.max_grad_norm or float("inf")))
+    if not (loss_finite and math.isfinite(norm) and math.isfinite(c_norm)):
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.critic_optimizer is not None:
+            run.critic_optimizer.zero_grad(set_to_none=True)
+        return norm, False
     run.optimizer.step()
     run.scheduler.step()
     if run.critic_optimizer is not None:
-        torch.nn.utils.clip_grad_norm_(run.critic.parameters(), run.cfg.max_grad_norm or float("inf"))
         run.critic_optimizer.step()
-    return float(norm)
+    return norm, True
+
+
+def count_skip(run: Run, stepped: bool):
+    """``max_skipped_steps`` skipped optimizer steps in a row stop the run (DivergedError, exit 2);
+    the weights are those of the last good step, which the crash checkpoint keeps."""
+    run.extra["skipped_in_a_row"] = 0 if stepped else run.extra.get("skipped_in_a_row", 0) + 1
+    if run.extra["skipped_in_a_row"] >= run.cfg.max_skipped_steps:
+        run.extra["skipped_in_a_row"] = 0
+        raise DivergedError(f"training diverged at step {run.step + 1}: {run.cfg.max_skipped_steps} optimizer steps in "
+                            "a row had a non-finite loss or gradient and were skipped (config key "
+                            "'max_skipped_steps'). Lower 'learning_rate', set 'max_grad_norm', or check the rewards; "
+                            f"the checkpoint in {run.cfg.output_dir}/checkpoint holds the weights before the divergence.")
+
+
+def weights_finite(run: Run, collective: bool = True) -> bool:
+    """Every weight of the policy (and critic, value head) is finite. ``collective``: agreed over
+    ranks (each rank checks its shard); False checks only this rank's tensors (a crash path)."""
+    bad = torch.zeros((), dtype=torch.float64, device=run.device)
+    for model in (run.policy, run.critic, run.value_head):
+        for p in model.parameters() if model is not None else ():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += (~torch.isfinite(local)).sum().double().to(bad.device)
+    if collective:
+        bad = D.all_sum(run, {"bad": bad})["bad"]
+    return float(bad) == 0
+
+
+def check_finite_weights(run: Run):
+    """The guard before every save: final/ and checkpoints are never written with NaN or inf weights."""
+    if not weights_finite(run):
+        raise DivergedError(f"training diverged: the weights hold NaN or inf at step {run.step}; nothing was saved "
+                            f"over the last good checkpoint in {run.cfg.output_dir}. Lower 'learning_rate' or set "
+                            "'max_grad_norm'.")
 
 
 # ----------------------------------------------------------------------------- around the step

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..algorithms import PRESET_KEYS, resolve_preset
+from ..algorithms import PRESET_KEYS, overlong_buffer_tokens, resolve_preset
 from ..config import Config, ConfigError, to_dict
 from ..data import addition_heldout, load_rows, render_prompt
 from ..data.datasets import check_prompt_lengths
@@ -68,8 +68,17 @@ def resolve_algorithm(cfg: Config) -> SimpleNamespace:
     if algo["tis_cap"] is None and (cfg.rollout.engine != "builtin" or cfg.distributed.max_staleness > 0):
         algo["tis_cap"] = 2.0   # another engine, or stale (async) rollouts: correct the sampler/trainer mismatch
     algo["max_len"] = cfg.algo.max_len or cfg.max_new_tokens
+    algo["overlong_buffer"] = overlong_buffer_tokens(algo["overlong_buffer"], cfg.max_new_tokens)
     if algo["advantage"] == "gae" and algo["critic"] is None:
         raise ConfigError("config: the 'gae' advantage needs a critic; set ppo.critic to 'separate' or 'shared'.")
+    if cfg.group_size == 1 and algo["advantage"] in ("group_norm", "group_mean", "batch_norm", "leave_one_out"):
+        raise ConfigError(f"config key 'group_size' is 1, but the advantage '{algo['advantage']}' (algorithm "
+                          f"'{cfg.algorithm}') compares the samples of a group: every advantage would be 0 and "
+                          "nothing would train. Set group_size >= 2 or another algo.advantage.")
+    if cfg.lora_r and cfg.iterative.ref_reset_steps and cfg.beta > 0 and algo["kl_placement"] != "none":
+        raise ConfigError("config keys 'lora_r' and 'iterative.ref_reset_steps' cannot be combined: with LoRA the "
+                          "reference is the base model with the adapter switched off, which a reset cannot move. "
+                          "Train without LoRA (lora_r=0) or set iterative.ref_reset_steps=0.")
     return SimpleNamespace(**algo)
 
 
