@@ -291,3 +291,30 @@ class _Off:
 
     def enforce(self):
         pass
+
+
+# ----------------------------------------------------------------------------- one line of state
+
+
+def monitor_line(output_dir) -> str:
+    """The monitors' state of a finished (or running) run in one line, from its metrics.jsonl and
+    alarms.jsonl: ``monitors ok`` or the alarms, then the latest value of each signal."""
+    from .logging import read_metrics
+
+    out = Path(output_dir)
+    rows = read_metrics(out)
+    if not rows:
+        return "monitors: no metrics"
+    last = {}
+    for r in rows:                                       # the latest measured value of each signal
+        last.update({k: v for k, v in r.items() if k.startswith("monitor/") and v is not None})
+    alarms_path = out / "alarms.jsonl"
+    alarms = [json.loads(x) for x in alarms_path.read_text().splitlines() if x.strip()] if alarms_path.exists() else []
+    head = (f"monitors: {len(alarms)} ALARM{'S' if len(alarms) > 1 else ''} ("
+            + ", ".join(f"{a['rule']} {a['value']:.3g} @ {a['step']}" for a in alarms) + ")") if alarms \
+        else f"monitors ok over {len(rows)} steps"
+    shown = [("distinct_frac", "distinct"), ("group_similarity", "similarity"), ("entropy", "entropy"),
+             ("zero_std_frac", "zero-std groups"), ("kl_start", "KL(start)"), ("length_ratio", "length ×"),
+             ("truncated_frac", "truncated"), ("reward_divergence", "reward−verifier"), ("eval_drop", "eval drop")]
+    parts = [f"{label} {last['monitor/' + key]:.2f}" for key, label in shown if f"monitor/{key}" in last]
+    return " | ".join([head] + parts)
