@@ -142,7 +142,7 @@ def longer(prompts, completions, **kw):
     """Deliberately exploitable: a longer answer scores higher, right or wrong."""
     return [len(c) / 6 for c in completions]
 '''
-WATCH = dict(group_size=8, prompts_per_step=4, max_new_tokens=6, learning_rate=3e-4, beta=0, save_steps=1000,
+WATCH = dict(group_size=8, prompts_per_step=4, max_new_tokens=6, learning_rate=1e-3, beta=0, save_steps=1000,
              **{"monitor.verifier": "addition_exact", "monitor.action": "stop", "monitor.warmup_steps": 5,
                 "monitor.window": 5, "monitor.patience": 3})
 
