@@ -132,7 +132,7 @@ class MonitorConfig:
     warmup_steps: int = opt(20, "no alarm before this step (trends compare against the first `window` steps after it)")
     window: int = opt(20, "steps averaged for trends: the first window after warmup against the latest window")
     patience: int = opt(5, "a condition must hold this many consecutive steps to raise its alarm")
-    min_distinct_frac: float | None = opt(0.15, "collapse: mean fraction of distinct completions per group below this")
+    min_distinct_frac: float | None = opt(0.13, "collapse: mean fraction of distinct completions per group below this (with G = 8 the least possible is 0.125: every group one string)")
     max_group_similarity: float | None = opt(None, "collapse: mean pairwise token-bigram Jaccard similarity within groups above this")
     min_entropy: float | None = opt(0.02, "collapse: mean token entropy (nats) below this")
     max_zero_std_frac: float | None = opt(None, "collapse: fraction of groups whose rewards are all equal above this")

@@ -66,7 +66,7 @@ def test_a_rule_fires_after_patience_once_and_stop_raises(tmp_path):
         m = _step(mon, run, b, entropy=0.001 if b is same else 0.5)
         assert m["monitor/alarms"] == 0
         mon.enforce()
-    m = _step(mon, run, same)                   # distinct 0.5 twice in a row is fine (threshold 0.15) ...
+    m = _step(mon, run, same)                   # distinct 0.5 twice in a row is fine (threshold 0.13) ...
     m = _step(mon, run, same, entropy=0.001)
     m = _step(mon, run, same, entropy=0.001)    # ... entropy 0.001 < 0.02 for 2 steps: alarm
     assert m["monitor/entropy"] == 0.001 and m["monitor/alarms"] == 1
