@@ -272,7 +272,7 @@ def prepare(run: Run, batch: RolloutBatch) -> dict:
     elif algo.critic == "shared":
         _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
     stats = {}
-    if batch.turn_rewards is not None:                                       # an environment's turn rewards, where earned
+    if batch.turn_rewards is not None and algo.advantage in ("gae", "reinforce_pp"):   # turn rewards where earned
         w = sum(wt for (name, _), wt in zip(run.reward_sources, run.reward_weights) if name == "env_reward")
         batch.token_rewards = A.turn_token_rewards(rewards, batch.turn_rewards, w, batch.mask)   # [N, T]
     if algo.kl_placement == "reward" and batch.ref_logp is not None:
