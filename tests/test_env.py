@@ -169,6 +169,11 @@ def test_turn_token_rewards_by_hand():
     out = turn_token_rewards(R, turns, 1.0, mask)
     assert torch.equal(out, torch.tensor([[0, 0.5, 0, 0, 0, 1.5], [0, 0, 3.0, 0, 0, 0]]))
     assert torch.allclose(out.sum(-1), R)
+    # with the KL in the reward (PPO) the turn rewards stay where they are and -beta * k1 is added per token
+    from lmpo.algorithms import kl_in_reward
+
+    logp, ref = torch.full((2, 6), -1.0), torch.full((2, 6), -1.5)
+    assert torch.allclose(kl_in_reward(out, logp, ref, mask, 0.1), (out - 0.05) * mask)
 
 
 def test_grpo_refuses_a_non_resettable_environment_unless_allowed(sft_dir, tmp_path):
