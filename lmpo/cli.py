@@ -26,7 +26,9 @@ def _user_errors():
 
     from .train.ray_backend import WorkerError
 
-    errs = [ConfigError, DatasetError, ModelError, WorkerError]
+    from .train.monitors import MonitorAlarm
+
+    errs = [ConfigError, DatasetError, ModelError, WorkerError, MonitorAlarm]
     try:
         from .rewards.errors import RewardError
 

@@ -114,6 +114,41 @@ class DistributedConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn episodes with an environment (docs/environments.md); unset = single-turn prompts."""
+
+    name: str | None = opt(None, "environment: a built-in (addition_retry, addition_chain), 'module:Class' or 'file.py:Class' (lmpo or TRL-style); its rewards reach the loss through the reward function env_reward (or env_turns)")
+    max_turns: int = opt(4, "at most this many model turns per episode")
+    max_tokens: int = opt(64, "at most this many completion tokens per episode, the model's and the environment's together (max_new_tokens bounds one model turn)")
+    nonresettable_groups: str = opt("refuse", "an environment that cannot be reset to the same state with a group baseline (GRPO, RLOO, ...): refuse, or allow the G episodes of one row, from different states, as the group", ["refuse", "allow"])
+
+
+@dataclass
+class MonitorConfig:
+    """Alarms for collapse, drift and reward hacking, checked every step (docs/monitoring.md). A
+    threshold set to null turns its alarm off; every signal is still logged as monitor/*."""
+
+    enabled: bool = opt(True, "compute the monitor/* signals and check the alarms")
+    action: str = opt("warn", "an alarm warns (and is written to alarms.jsonl), or stops the run with exit 2 after a checkpoint", ["warn", "stop"])
+    warmup_steps: int = opt(20, "no alarm before this step (trends compare against the first `window` steps after it)")
+    window: int = opt(20, "steps averaged for trends: the first window after warmup against the latest window")
+    patience: int = opt(5, "a condition must hold this many consecutive steps to raise its alarm")
+    min_distinct_frac: float | None = opt(0.13, "collapse: mean fraction of distinct completions per group below this (with G = 8 the least possible is 0.125: every group one string)")
+    max_group_similarity: float | None = opt(None, "collapse: mean pairwise token-bigram Jaccard similarity within groups above this")
+    min_entropy: float | None = opt(0.02, "collapse: mean token entropy (nats) below this")
+    max_zero_std_frac: float | None = opt(None, "collapse: fraction of groups whose rewards are all equal above this")
+    max_kl_start: float | None = opt(2.0, "drift: KL(start || policy) per token on a fixed probe of start-policy samples above this (computed even when beta = 0)")
+    kl_every: int = opt(10, "drift: probe KL every this many steps")
+    probe_size: int = opt(32, "drift: rows of the first batch kept as the KL probe")
+    max_length_ratio: float | None = opt(2.5, "drift: latest-window mean completion length over the first window's above this (or below its inverse)")
+    max_truncated_frac: float | None = opt(0.5, "drift: latest-window truncation rate above this")
+    verifier: str | None = opt(None, "hacking: a reward function (e.g. addition_exact) scored on every batch as the ground truth the training reward should track; its gain is compared with the training reward's")
+    max_reward_divergence: float | None = opt(1.0, "hacking: training-reward gain minus verifier gain, each in its first-window per-sample std units, above this")
+    max_eval_drop: float | None = opt(0.15, "hacking: held-out eval accuracy this far below its best while the training reward is at or above its level then")
+    max_component_drop: float | None = opt(0.25, "hacking: a reward function's latest-window mean this far below its first window while the total reward rose")
+
+
+@dataclass
 class Config:
     """``lmpo train``: RL fine-tuning of a causal language model."""
 
@@ -168,6 +203,8 @@ class Config:
     iterative: IterativeConfig = field(default_factory=IterativeConfig, metadata={"help": "iterative GRPO"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "rollout engine"})
     distributed: DistributedConfig = field(default_factory=DistributedConfig, metadata={"help": "multi-process training"})
+    env: EnvConfig = field(default_factory=EnvConfig, metadata={"help": "multi-turn environment"})
+    monitor: MonitorConfig = field(default_factory=MonitorConfig, metadata={"help": "collapse, drift and reward-hacking alarms"})
 
 
 @dataclass
@@ -368,6 +405,9 @@ def validate(cfg):
         for key in ("gamma", "lam"):
             if not 0 <= getattr(cfg.algo, key) <= 1:
                 raise ConfigError(f"config key 'algo.{key}' must be in [0, 1], got {getattr(cfg.algo, key)}.")
+        for key in ("env.max_turns", "env.max_tokens", "monitor.window", "monitor.patience", "monitor.kl_every",
+                    "monitor.probe_size"):
+            positive(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
         if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
             raise ConfigError(f"config key 'algo.dual_clip' must be > 1, got {cfg.algo.dual_clip}.")
         n = cfg.prompts_per_step * cfg.group_size

@@ -84,6 +84,10 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
                         overrides={"ppo": {"beta": 0.02, "epochs": 2, "minibatches": 2,
                                            "ppo": {"critic_init": str(out / "rm")}}})
     res = {name: acc(out / name / "final") for name in ("grpo", "ppo")}
+    from .train.monitors import monitor_line
+
+    for name in ("grpo", "ppo"):
+        print(f"{name}: {monitor_line(out / name)}")
     return {
         "sft_accuracy": sft_g, "sft_sampled_accuracy": sft_s,
         "grpo_accuracy": res["grpo"][0], "grpo_sampled_accuracy": res["grpo"][1],

@@ -11,7 +11,7 @@ from .advantages import (
     rloo_advantages,
     whiten,
 )
-from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_in_reward, kl_penalty, unbiased_kl
+from .kl import KL_ESTIMATORS, adaptive_kl_coef, kl_in_reward, kl_penalty, turn_token_rewards, unbiased_kl
 from .losses import AGGREGATIONS, aggregate_loss, clip_fraction, policy_loss, value_loss
 from .masks import (
     off_policy_sequence_mask,
@@ -26,7 +26,7 @@ __all__ = [
     "ADVANTAGES", "register_advantage", "grpo_advantages", "rloo_advantages", "gae_advantages",
     "reinforce_pp_advantages", "process_advantages", "whiten",
     "AGGREGATIONS", "policy_loss", "clip_fraction", "aggregate_loss", "value_loss",
-    "KL_ESTIMATORS", "kl_penalty", "unbiased_kl", "kl_in_reward", "adaptive_kl_coef",
+    "KL_ESTIMATORS", "kl_penalty", "unbiased_kl", "kl_in_reward", "turn_token_rewards", "adaptive_kl_coef",
     "off_policy_sequence_mask", "truncated_is_weights", "zero_std_groups", "overlong_penalty",
     "sampling_support_logp",
     "PRESETS", "PRESET_KEYS", "resolve_preset", "overlong_buffer_tokens",

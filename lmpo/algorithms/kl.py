@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ._common import as_bool, clean, place_on_last_token
 
-__all__ = ["kl_penalty", "unbiased_kl", "kl_in_reward", "adaptive_kl_coef", "KL_ESTIMATORS"]
+__all__ = ["kl_penalty", "unbiased_kl", "kl_in_reward", "turn_token_rewards", "adaptive_kl_coef", "KL_ESTIMATORS"]
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -81,12 +81,29 @@ def kl_in_reward(scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor,
     Paper: Ouyang et al. 2022, "Training language models to follow instructions with human
     feedback" (after Ziegler et al. 2019). It differs from GRPO's KL-in-loss in making the KL
     part of the return, so it flows through the advantage (GAE / REINFORCE++ / RLOO) instead of
-    the loss. scores [N]; beta a float or 0-dim tensor. Zero at masked positions; a row
-    with no real tokens gets nothing (not even its score).
+    the loss. scores [N] (placed on the last real token), or [N, T] rewards already per token
+    (a multi-turn episode's turn rewards, ``turn_token_rewards``); beta a float or 0-dim tensor.
+    Zero at masked positions; a row with no real tokens gets nothing (not even its score).
     """
     m = as_bool(mask)  # [N, T]
     kl = kl_penalty(logp, ref_logp, kind, mask=m)  # [N, T]
-    return -beta * kl + place_on_last_token(scores, m).to(kl.dtype)
+    placed = clean(scores, m) if scores.dim() == 2 else place_on_last_token(scores, m)
+    return -beta * kl + placed.to(kl.dtype)
+
+
+def turn_token_rewards(rewards: Tensor, turn_rewards: Tensor, weight: float, mask: Tensor) -> Tensor:
+    """Per-token rewards of multi-turn episodes.  # [N, T]
+
+    r_t = w * turn_t + [t = last real token] * (R - w * sum_t turn_t)
+
+    with turn_t [N, T] an environment's turn rewards on each turn's last model token, w the weight
+    of that reward source and R [N] the sequence reward (all sources). So every row still sums
+    to R (sequence-level estimators see the same reward) while GAE sees each turn's reward where
+    it was earned; what other sources give lands on the last token. Zero at masked positions.
+    """
+    m = as_bool(mask)  # [N, T]
+    turns = clean(turn_rewards.to(rewards.dtype) * weight, m)  # [N, T]
+    return turns + place_on_last_token(rewards - turns.sum(-1), m)
 
 
 def adaptive_kl_coef(beta: float, observed_kl: float, target: float, horizon: float,

@@ -11,6 +11,7 @@ built-in names to them. Heavy dependencies (math-verify, sympy) load on first us
 """
 
 from .code_reward import code_tests
+from .env_reward import env_reward, env_turns
 from .errors import RewardError
 from .format_reward import addition_exact, length_penalty, think_answer_format
 from .math_reward import math_answer
@@ -23,6 +24,8 @@ REWARD_FUNCS = {
     "length_penalty": length_penalty,
     "code_tests": code_tests,
     "addition_digit_steps": addition_digit_steps,
+    "env_reward": env_reward,
+    "env_turns": env_turns,
 }
 
 __all__ = ["REWARD_FUNCS", "RewardError", "process_reward", *REWARD_FUNCS]

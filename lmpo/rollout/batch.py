@@ -27,6 +27,8 @@ class RolloutBatch:
     keep_mask: torch.Tensor | None = None   # [N, T, V] bool: kept top-p/top-k support (keep_sampling_mask)
     routing: list | None = None             # per MoE layer [N, P+T, k] expert ids (keep_routing)
     policy_version: torch.Tensor | None = None  # [N] long: optimizer steps of the weights that sampled the row
+    seq_mask: torch.Tensor | None = None    # [N, T] multi-turn: 1 on every real token (environment's too); None = mask
+    turn_rewards: torch.Tensor | None = None  # [N, T] multi-turn: each turn's reward on its last model token
     # --- from reward
     rewards: torch.Tensor | None = None     # [N] sequence reward (NaN where invalid)
     valid: torch.Tensor | None = None       # [N] bool: every reward source scored this sample

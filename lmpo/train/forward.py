@@ -15,9 +15,11 @@ from ..algorithms import sampling_support_logp
 
 
 def sequence_inputs(batch):
-    """input_ids, attention_mask, position_ids [N, P+T] for prompt + completion."""
+    """input_ids, attention_mask, position_ids [N, P+T] for prompt + completion (environment tokens of a
+    multi-turn episode are attended to: ``seq_mask``; only ``mask`` is the loss mask)."""
     ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)
-    attn = torch.cat([batch.prompt_mask, batch.mask.to(batch.prompt_mask.dtype)], 1)
+    seen = batch.mask if batch.seq_mask is None else batch.seq_mask
+    attn = torch.cat([batch.prompt_mask, seen.to(batch.prompt_mask.dtype)], 1)
     pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
     return ids, attn, pos
 

@@ -23,6 +23,7 @@ from ..rollout.engine import SamplingSpec, make_engine
 from . import distributed as D
 from .forward import completion_logp, sequence_inputs
 from .logging import MetricsLogger
+from .monitors import Monitors
 from .setup import Run, checkpoint, setup
 
 
@@ -55,6 +56,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
                         desc=cfg.algorithm) if run.world.main else D.NullLog()
     metrics: dict = {}
+    monitor = Monitors.for_run(run)                                 # collapse, drift and reward-hacking alarms
     t_start = time.perf_counter()
     try:
         while run.step < cfg.max_steps:
@@ -73,10 +75,12 @@ def train(cfg: Config, resume: bool = False) -> dict:
             iterative_reset(run, metrics)
             if cfg.eval_steps and run.step % cfg.eval_steps == 0 and run.eval_rows:
                 metrics.update(evaluate_policy(run))
+            monitor.watch(run, batch, metrics)                      # monitor/* signals; alarms warn or mark a stop
             log.log(run.step, metrics, samples(batch, cfg.log_samples))
             if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
                 check_finite_weights(run)
                 checkpoint(run)
+            monitor.enforce()                                       # monitor.action=stop: exit 2 (the except saves)
     except BaseException:
         if run.step > 0 and weights_finite(run, collective=False):
             checkpoint(run, crashing=True)  # a crash or Ctrl-C still leaves a resumable checkpoint
@@ -106,6 +110,10 @@ def attach(run: Run):
         attach_workers(run)
     else:
         run.engine = make_engine(run)
+        if run.cfg.env.name:                                 # multi-turn episodes with an environment
+            from ..rollout.env import make_env_engine
+
+            run.engine = make_env_engine(run, run.engine)
         run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
         run.scorer = lambda batch, state=None: score(run, batch, state)
 
@@ -312,9 +320,13 @@ def prepare(run: Run, batch: RolloutBatch) -> dict:
     elif algo.critic == "shared":
         _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
     stats = {}
+    if batch.turn_rewards is not None and algo.advantage in ("gae", "reinforce_pp"):   # turn rewards where earned
+        w = sum(wt for (name, _), wt in zip(run.reward_sources, run.reward_weights) if name == "env_reward")
+        batch.token_rewards = A.turn_token_rewards(rewards, batch.turn_rewards, w, batch.mask)   # [N, T]
     if algo.kl_placement == "reward" and batch.ref_logp is not None:
         behaviour = batch.old_logp if batch.old_logp is not None else batch.sampler_logp
-        batch.token_rewards = A.kl_in_reward(rewards, behaviour, batch.ref_logp, batch.mask, run.beta,
+        scores = rewards if batch.token_rewards is None else batch.token_rewards
+        batch.token_rewards = A.kl_in_reward(scores, behaviour, batch.ref_logp, batch.mask, run.beta,
                                              algo.kl_estimator)                                    # [N, T]
         stats["kl_reward"] = float(((behaviour - batch.ref_logp) * batch.mask).sum() / batch.mask.sum().clamp(min=1))
     batch.adv, batch.returns = D.global_rows(                                 # batch statistics over all ranks
