@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO, read_jsonl, rl_overrides, run_lmpo, write_jsonl
 
-from lmpo.config import ConfigError, load_config
+from lmpo.config import ConfigError, check_world, load_config
 from lmpo.train import distributed as D
 
 REWARD = "def digits(prompts, completions, **kw):\n    return [sum(c.isdigit() for c in s) / 4 for s in completions]\n"
@@ -164,4 +164,4 @@ def test_config_errors_before_joining_a_process_group(monkeypatch, extra, key):
 def test_scale_out_recipes_are_valid_configs(name, world):
     cfg = load_config(str(REPO / "examples" / name), [])
     assert cfg.distributed.strategy in ("ddp", "fsdp")
-    D.check_config(cfg, world)
+    check_world(cfg, world)

@@ -62,17 +62,6 @@ class Completion:
     finish_reason: str | None   # "stop" (a stop token ended it), "length" (max_tokens reached); None: unknown
 
 
-def check_spec(spec: SamplingSpec) -> None:
-    """ConfigError for what vLLM cannot record here: the top-p/top-k support and MoE routing."""
-    if spec.keep_support:
-        raise ConfigError("config key 'algo.keep_sampling_mask' is not supported with rollout.engine: vllm (vLLM does "
-                          "not report the top-p/top-k support of each sampled token); set it to false or use "
-                          "rollout.engine: builtin.")
-    if spec.keep_routing:
-        raise ConfigError("config key 'algo.keep_routing' is not supported with rollout.engine: vllm (vLLM does not "
-                          "report the MoE experts chosen for each token); set it to false or use rollout.engine: builtin.")
-
-
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_ids, prompt_mask), both [B, P] and left-padded, exactly as the built-in ``rollout``
     tokenizes (``add_special_tokens=True``); DatasetError naming the first prompt longer than
@@ -259,9 +248,6 @@ class VLLMEngine:
             backend = ColocatedVLLM(str(model_dir), str(cfg.tokenizer or model_dir), r.vllm_gpu_memory_utilization,
                                     dtype=cfg.dtype, seed=cfg.seed, max_model_len=max_len)
         elif r.vllm_mode == "server":
-            if not r.vllm_url:
-                raise ConfigError("config key 'rollout.vllm_url' is required with rollout.vllm_mode: server "
-                                  "(the base URL of a running vLLM server, e.g. http://localhost:8000).")
             sync = Path(r.vllm_sync_dir) if r.vllm_sync_dir else Path(cfg.output_dir) / "vllm_weights"
             backend = VLLMServer(r.vllm_url, sync, tokenizer)
         else:
@@ -270,7 +256,6 @@ class VLLMEngine:
 
     def generate(self, prompts: list[str], rows: list[dict], seeds: list[int], spec: SamplingSpec) -> RolloutBatch:
         """G completions per prompt (grouped, prompt-major) from vLLM; ``seeds[j]`` drives prompt j's group."""
-        check_spec(spec)
         if len(seeds) != len(prompts) or len(rows) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need as many rows and seeds; got {len(rows)} and {len(seeds)}.")
         ids, mask = encode_prompts(self.tokenizer, prompts, spec.max_prompt_len)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from ..config import check_world
 
 
 @dataclass
@@ -89,10 +89,7 @@ def init(cfg) -> World:
     strategy = cfg.distributed.strategy
     if size == 1:
         return World(0, 1, strategy)
-    if strategy == "none":
-        raise ConfigError(f"started by torchrun with {size} processes but config key 'distributed.strategy' is "
-                          "'none'; set it to 'ddp' or 'fsdp'.")
-    check_config(cfg, size)
+    check_world(cfg, size)
     import torch.distributed as dist
 
     cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
@@ -101,29 +98,6 @@ def init(cfg) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), strategy)
-
-
-def check_config(cfg, size: int):
-    """What a multi-process run needs, as ConfigErrors naming the key."""
-    d = cfg.distributed
-    if cfg.prompts_per_step % size:
-        raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the number of "
-                          f"processes ({size}): each rank takes whole groups.")
-    from .setup import resolve_algorithm
-
-    if resolve_algorithm(cfg).dynamic_sampling:
-        raise ConfigError("dynamic sampling (algorithm 'dapo' / algo.dynamic_sampling) is not supported with "
-                          f"distributed.strategy={d.strategy}: ranks would keep different numbers of groups; "
-                          "set algo.dynamic_sampling=false.")
-    if cfg.iterative.rm_retrain:
-        raise ConfigError("config key 'iterative.rm_retrain' is not supported with several processes: each rank "
-                          "would retrain its own reward model on its own samples.")
-    if d.strategy == "fsdp":
-        for key, bad in (("lora_r", cfg.lora_r > 0), ("ppo.critic", cfg.ppo.critic is not None),
-                         ("iterative.ref_reset_steps", bool(cfg.iterative.ref_reset_steps))):
-            if bad:
-                raise ConfigError(f"config key '{key}' is not supported with distributed.strategy=fsdp yet; "
-                                  "use distributed.strategy=ddp.")
 
 
 def finish(run):
