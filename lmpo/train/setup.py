@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -53,7 +52,37 @@ class PromptStream:
         self._perm = self._shuffle()
 
 
-def resolve_algorithm(cfg: Config) -> SimpleNamespace:
+@dataclass(frozen=True)
+class Algorithm:
+    """The resolved algorithm the loop reads: a preset's choices (``lmpo.algorithms.PRESET_KEYS``) with
+    the config's overrides, and the options that are not part of presets."""
+
+    advantage: str                  # key of lmpo.algorithms.ADVANTAGES
+    ratio_level: str                # "token" | "sequence"
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None
+    loss_agg: str                   # key of lmpo.algorithms.AGGREGATIONS
+    kl_placement: str               # "loss" | "reward" | "none"
+    kl_estimator: str               # "k1" | "k2" | "k3"
+    unbiased_kl: bool
+    whiten_advantages: bool
+    critic: str | None              # None | "separate" | "shared"
+    dynamic_sampling: bool
+    overlong_buffer: int            # tokens ("auto" resolved against max_new_tokens)
+    overlong_penalty: float
+    max_extra_rounds: int
+    adv_eps: float
+    gamma: float
+    lam: float
+    off_policy_delta: float | None
+    keep_sampling_mask: bool
+    keep_routing: bool
+    tis_cap: float | None
+    max_len: int                    # constant normalizer of seq-mean-token-sum-norm
+
+
+def resolve_algorithm(cfg: Config) -> Algorithm:
     """The preset named by ``cfg.algorithm`` with ``cfg.algo`` / ``cfg.ppo.critic`` overrides applied,
     plus the options that are not part of presets (DeepSeek-V3.2 corrections, GAE settings).
     Its checks live in ``lmpo.config`` (``resolved_preset``)."""
@@ -65,13 +94,13 @@ def resolve_algorithm(cfg: Config) -> SimpleNamespace:
         algo["tis_cap"] = 2.0   # another engine, or stale (async) rollouts: correct the sampler/trainer mismatch
     algo["max_len"] = cfg.algo.max_len or cfg.max_new_tokens
     algo["overlong_buffer"] = overlong_buffer_tokens(algo["overlong_buffer"], cfg.max_new_tokens)
-    return SimpleNamespace(**algo)
+    return Algorithm(**algo)
 
 
 @dataclass
 class Run:
     cfg: Config
-    algo: SimpleNamespace
+    algo: Algorithm
     device: torch.device
     tokenizer: object
     policy: torch.nn.Module
