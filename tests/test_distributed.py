@@ -144,6 +144,9 @@ def test_combine_metrics():
                               "time/step_s": 3.0, "reward/invalid": 2, "name": "b"}])
     assert out == {"reward/mean": 0.5, "loss": 0.75, "actor/ratio_max": 1.3, "actor/ratio_min": 0.8,
                    "time/step_s": 3.0, "reward/invalid": 3, "name": "a"}
+    # Ray reward workers: means weighted by the part's size, counts summed, a missing count is 0
+    out = D.combine_metrics([{"reward/x/mean": 1.0, "reward/x/failures": 1.0}, {"reward/x/mean": 4.0}], [3, 1])
+    assert out == {"reward/x/mean": 1.75, "reward/x/failures": 1.0}
 
 
 @pytest.mark.parametrize("extra, key", [

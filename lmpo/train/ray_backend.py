@@ -38,6 +38,7 @@ from types import SimpleNamespace
 import torch
 
 from ..config import ConfigError, validate
+from .distributed import combine_metrics
 
 
 class WorkerError(RuntimeError):
@@ -347,11 +348,7 @@ class RewardPool:
 def _merge_stats(stats: list[dict], sizes: list[int], batch) -> dict:
     """One step's reward statistics from W parts: counts add up, means are size-weighted, and the
     reward's mean / std are recomputed over the whole batch."""
-    total = sum(sizes)
-    out = {"_n": 1}
-    for k in {k for s in stats for k in s if k != "_n"}:
-        vals = [(s.get(k, 0), n) for s, n in zip(stats, sizes)]
-        out[k] = sum(v for v, _ in vals) if k.endswith(("failures", "invalid")) else sum(v * n for v, n in vals) / total
+    out = combine_metrics(stats, sizes)
     r = batch.rewards[batch.valid]
     out["reward/mean"] = float(r.mean()) if r.numel() else float("nan")
     out["reward/std"] = float(r.std()) if r.numel() > 1 else 0.0

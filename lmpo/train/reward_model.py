@@ -24,6 +24,7 @@ from lmpo.config import ConfigError, RMConfig, load_config, to_dict, validate
 from lmpo.data.datasets import DatasetError, render_prompt
 from lmpo.data.preferences import addition_preferences, load_preferences
 from lmpo.data.tasks import ADDITION
+from lmpo.models.load import resolve_device
 from lmpo.models.value import load_scalar_model, sequence_scores
 
 
@@ -169,12 +170,6 @@ def _sampler(pairs: list[dict], batch_size: int, rng: random.Random):
 # ----------------------------------------------------------------------------- lmpo rm
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 TINY = "tiny"
 
 
@@ -236,7 +231,7 @@ def train_reward_model(cfg: RMConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     train, held = _datasets(cfg)
     model, tokenizer = _load_model(cfg)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -289,7 +284,7 @@ def continue_training(model_dir, new_pairs: list[dict], replay_pairs: list[dict]
         raise ValueError("continue_training needs at least one new preference pair.")
     if not 0 <= replay_frac < 1:
         raise ValueError(f"replay_frac must be in [0, 1), got {replay_frac}.")
-    device = torch.device(device) if device is not None else _device("auto")
+    device = torch.device(device) if device is not None else resolve_device("auto")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_scalar_model(model_dir, tokenizer, require_head=True).to(device)
     replay_pairs = replay_pairs or []
