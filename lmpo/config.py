@@ -2,7 +2,9 @@
 
 Values come from defaults, then a YAML file, then dotted ``key=value`` overrides
 (``algo.eps_high=0.28``). Unknown keys and bad values are errors that name the key, say what is
-allowed and suggest the nearest known key.
+allowed and suggest the nearest known key. ``validate`` is the one place a config is checked, before
+anything heavy is loaded; its choice lists (algorithm presets, advantage estimators, loss aggregations,
+KL estimators) come from the registries in ``lmpo.algorithms``.
 """
 
 from __future__ import annotations
