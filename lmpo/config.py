@@ -62,7 +62,7 @@ class AlgoConfig:
     adv_eps: float = opt(1e-4, "epsilon in the group-normalized advantage's denominator")
     gamma: float = opt(1.0, "GAE discount")
     lam: float = opt(0.95, "GAE lambda")
-    off_policy_delta: float | None = opt(None, "DeepSeek-V3.2 off-policy sequence masking threshold delta (None = off)")
+    off_policy_delta: float | None = opt(None, "DeepSeek-V3.2 off-policy sequence masking threshold delta >= 0 (None = off)")
     keep_sampling_mask: bool = opt(False, "DeepSeek-V3.2: record the top-p/top-k support at sampling and compute pi_old and pi_theta over it")
     keep_routing: bool = opt(False, "DeepSeek-V3.2: replay the MoE experts chosen at sampling in the training forward")
     tis_cap: float | None = opt(None, "truncated importance sampling cap between the sampler's and the trainer's log-probs (None = off)")
@@ -395,7 +395,7 @@ def validate(cfg):
         if not 0 < cfg.top_p <= 1:
             raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
         for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):
-            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty"))
+            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty", "off_policy_delta"))
         positive("algo.overlong_buffer", cfg.algo.overlong_buffer, strict=False)
         if cfg.algo.overlong_buffer is not None and cfg.algo.overlong_buffer > cfg.max_new_tokens:
             raise ConfigError(f"config key 'algo.overlong_buffer' ({cfg.algo.overlong_buffer}) must be at most "

@@ -153,3 +153,10 @@ def test_a_preset_and_an_estimator_registered_in_algorithms_alone_are_accepted_a
     assert main(["train", "--help"]) == 0 and "my_grpo" not in capsys.readouterr().out
     with pytest.raises(ConfigError, match="'algorithm' has the value 'my_grpo'"):
         load_config(None, ["algorithm=my_grpo"])
+
+
+def test_off_policy_delta_zero_is_allowed_and_negative_is_not():
+    """delta = 0 masks a negative-advantage sequence as soon as its estimated KL(old || theta) is positive."""
+    assert load_config(None, ["algo.off_policy_delta=0"]).algo.off_policy_delta == 0.0
+    with pytest.raises(ConfigError, match="'algo.off_policy_delta' must be >= 0"):
+        load_config(None, ["algo.off_policy_delta=-0.1"])
