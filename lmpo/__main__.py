@@ -1,3 +1,5 @@
+"""``python -m lmpo``: the ``lmpo`` command (lmpo.cli)."""
+
 from .cli import main
 
 raise SystemExit(main())

@@ -104,11 +104,10 @@ def cmd_sft(argv):
 
 def cmd_eval(argv):
     from .config import load_config
-    from .models.load import load_causal_lm, load_tokenizer
-    from .train.evaluate import evaluate
-    from .train.setup import reward_sources
     from .data import addition_heldout, load_rows
-    from .rewards.combine import compute_rewards
+    from .models.load import load_causal_lm, load_tokenizer
+    from .train.evaluate import eval_sources, held_out_accuracy
+    from .train.setup import reward_sources
 
     if not argv or argv[0].startswith("-"):
         print("usage: lmpo eval MODEL_DIR [eval_dataset=FILE reward_funcs=[...] max_new_tokens=N ...]")
@@ -117,16 +116,8 @@ def cmd_eval(argv):
     cfg = load_config(None, overrides)
     rows = load_rows(cfg.eval_dataset, what="eval_dataset")[: cfg.eval_samples] if cfg.eval_dataset else addition_heldout(cfg.eval_samples)
     model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    sources, weights = reward_sources(cfg)
-
-    def reward_fn(prompts, completions, completion_ids=None, **cols):
-        return compute_rewards(sources, weights, prompts, completions, cols, completion_ids=completion_ids,
-                               timeout_s=cfg.reward_timeout_s).rewards
-
-    res = {"greedy_accuracy": evaluate(model, tok, rows, reward_fn, max_new_tokens=cfg.max_new_tokens)["accuracy"],
-           "sampled_accuracy": evaluate(model, tok, rows, reward_fn, max_new_tokens=cfg.max_new_tokens,
-                                        temperature=cfg.temperature, seed=cfg.seed)["accuracy"]}
-    print(json.dumps(res))
+    sources, weights = eval_sources(cfg, *reward_sources(cfg))
+    print(json.dumps(held_out_accuracy(model, tok, rows, sources, weights, cfg)))
     return 0
 
 

@@ -138,11 +138,11 @@ def main(argv) -> int:
         config, overrides = None, [config] + overrides
     base = load_config(config, overrides)
     names = [a for a in args.algorithms.split(",") if a]
-    from .config import ALGORITHMS
+    from .algorithms import PRESETS
 
     for n in names:
-        if n not in ALGORITHMS:
-            raise ConfigError(f"--algorithms: unknown preset '{n}'; allowed: {', '.join(ALGORITHMS)}.")
+        if n not in PRESETS:
+            raise ConfigError(f"--algorithms: unknown preset '{n}'; allowed: {', '.join(PRESETS)}.")
     rows = compare_runs(base, names, args.output_dir)
     print(markdown_table(rows))
     print(f"\nwrote {args.output_dir}/compare.md, compare.json, compare.png")

@@ -2,7 +2,9 @@
 
 Values come from defaults, then a YAML file, then dotted ``key=value`` overrides
 (``algo.eps_high=0.28``). Unknown keys and bad values are errors that name the key, say what is
-allowed and suggest the nearest known key.
+allowed and suggest the nearest known key. ``validate`` is the one place a config is checked, before
+anything heavy is loaded; its choice lists (algorithm presets, advantage estimators, loss aggregations,
+KL estimators) come from the registries in ``lmpo.algorithms``.
 """
 
 from __future__ import annotations
@@ -17,19 +19,24 @@ from pathlib import Path
 
 import yaml
 
+from .algorithms import PRESET_KEYS, PRESETS, preset_choices, resolve_preset
+
 
 class ConfigError(ValueError):
     """A config key or value that cannot be used; the message names it."""
 
 
 def opt(default, help: str, choices=None):
-    """A documented field; ``choices`` restricts the values."""
+    """A documented field; ``choices`` restricts the values: a list, or a function returning one
+    (read when a value is checked or ``--help`` is printed, so registries can grow)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, "choices": choices})
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-ALGORITHMS = ("grpo", "ppo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp")
+def _preset_choices(key: str, none: bool = True):
+    """The allowed values of preset key ``key`` from lmpo.algorithms' registries (with None = the preset's value)."""
+    return lambda: ([None] if none else []) + list(preset_choices(key))
 
 
 @dataclass
@@ -37,14 +44,14 @@ class AlgoConfig:
     """The algorithm's independent choices. ``None`` takes the value of the preset named by
     ``algorithm``; anything set here overrides it."""
 
-    advantage: str | None = opt(None, "advantage estimator: group_norm, group_mean, batch_norm, leave_one_out, reinforce_pp, gae, process")
-    ratio_level: str | None = opt(None, "importance ratio per token, or per sequence (GSPO)", [None, "token", "sequence"])
+    advantage: str | None = opt(None, "advantage estimator (registered in lmpo.algorithms.ADVANTAGES)", _preset_choices("advantage"))
+    ratio_level: str | None = opt(None, "importance ratio per token, or per sequence (GSPO)", _preset_choices("ratio_level"))
     eps_low: float | None = opt(None, "lower clip range: rho >= 1 - eps_low")
     eps_high: float | None = opt(None, "upper clip range: rho <= 1 + eps_high (clip-higher when > eps_low)")
     dual_clip: float | None = opt(None, "dual-clip constant c > 1 bounding the loss of negative advantages at -c*A")
-    loss_agg: str | None = opt(None, "loss aggregation", [None, "seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
-    kl_placement: str | None = opt(None, "where the KL to the reference goes", [None, "loss", "reward", "none"])
-    kl_estimator: str | None = opt(None, "KL estimator", [None, "k1", "k2", "k3"])
+    loss_agg: str | None = opt(None, "loss aggregation (registered in lmpo.algorithms.AGGREGATIONS)", _preset_choices("loss_agg"))
+    kl_placement: str | None = opt(None, "where the KL to the reference goes", _preset_choices("kl_placement"))
+    kl_estimator: str | None = opt(None, "KL estimator", _preset_choices("kl_estimator"))
     unbiased_kl: bool | None = opt(None, "DeepSeek-V3.2: weight the k3 KL by pi_theta/pi_old so its gradient is unbiased")
     whiten_advantages: bool | None = opt(None, "whiten advantages over the batch's real tokens")
     dynamic_sampling: bool | None = opt(None, "DAPO: drop groups whose rewards are all equal and sample more prompts")
@@ -55,7 +62,7 @@ class AlgoConfig:
     adv_eps: float = opt(1e-4, "epsilon in the group-normalized advantage's denominator")
     gamma: float = opt(1.0, "GAE discount")
     lam: float = opt(0.95, "GAE lambda")
-    off_policy_delta: float | None = opt(None, "DeepSeek-V3.2 off-policy sequence masking threshold delta (None = off)")
+    off_policy_delta: float | None = opt(None, "DeepSeek-V3.2 off-policy sequence masking threshold delta >= 0 (None = off)")
     keep_sampling_mask: bool = opt(False, "DeepSeek-V3.2: record the top-p/top-k support at sampling and compute pi_old and pi_theta over it")
     keep_routing: bool = opt(False, "DeepSeek-V3.2: replay the MoE experts chosen at sampling in the training forward")
     tis_cap: float | None = opt(None, "truncated importance sampling cap between the sampler's and the trainer's log-probs (None = off)")
@@ -65,7 +72,7 @@ class AlgoConfig:
 class PPOConfig:
     """Critic and reward-side KL settings (used by presets with a critic or KL in the reward)."""
 
-    critic: str | None = opt(None, "value model: a separate copy with a scalar head, or a head on the policy's backbone", [None, "separate", "shared"])
+    critic: str | None = opt(None, "value model: a separate copy with a scalar head, or a head on the policy's backbone", _preset_choices("critic", none=False))
     critic_init: str = opt("policy", "initialize a separate critic from 'policy' or from a reward model directory")
     critic_learning_rate: float | None = opt(None, "critic learning rate (default: learning_rate x 5)")
     vf_coef: float = opt(0.5, "value loss coefficient")
@@ -164,7 +171,7 @@ class Config:
     reward_workers: int = opt(4, "threads computing reward functions concurrently")
     reward_timeout_s: float = opt(300.0, "seconds a reward function may take on one batch; past it, that batch counts as failed for it")
     reward_fail_steps: int = opt(3, "stop (exit 2) when a reward source fails or returns None on every sample of this many consecutive steps (0 = never)")
-    algorithm: str = opt("grpo", "preset of algorithm choices", list(ALGORITHMS))
+    algorithm: str = opt("grpo", "preset of algorithm choices (registered in lmpo.algorithms.PRESETS)", lambda: list(PRESETS))
     group_size: int = opt(8, "G: samples per prompt")
     prompts_per_step: int = opt(8, "prompts per RL step (a step has prompts_per_step x group_size samples)")
     max_steps: int = opt(100, "RL steps")
@@ -230,6 +237,31 @@ class SFTConfig:
     progress: bool = opt(True, "show a progress bar")
 
 
+@dataclass
+class RMConfig:
+    """``lmpo rm``: a reward model from (prompt, chosen, rejected[, margin]) pairs."""
+
+    model: str | None = opt(None, "causal-LM directory (a new scalar head, e.g. an `lmpo sft` output), reward-model directory (continued), or 'tiny' (a fresh random tiny model); default: the embedded tiny model after its SFT warm start (built once and cached, as for `lmpo train`)")
+    tokenizer: str | None = opt(None, "tokenizer directory (default: the model's)")
+    dataset: str = opt("addition", "jsonl/json/parquet/csv/saved HF dataset with prompt, chosen, rejected (and optional margin) columns, or 'addition'")
+    eval_dataset: str | None = opt(None, "held-out pairs (default: 'addition' uses pairs on its held-out prompts; other datasets split off eval_fraction)")
+    eval_fraction: float = opt(0.05, "fraction of the dataset held out for evaluation when eval_dataset is not set")
+    eval_pairs: int = opt(400, "held-out pairs evaluated (at most)")
+    max_steps: int = opt(600, "optimizer steps")
+    batch_size: int = opt(64, "preference pairs per step")
+    learning_rate: float = opt(3e-4, "AdamW learning rate (cosine decay after warmup); for a pretrained model of 0.5B+ parameters use ~1e-5")
+    warmup_steps: int = opt(30, "linear warmup steps")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float | None = opt(1.0, "gradient clipping norm (None = off)")
+    max_length: int | None = opt(None, "truncate prompt+response to this many tokens, keeping the end (default: the tokenizer's limit)")
+    log_steps: int = opt(10, "record the training loss every N steps")
+    seed: int = opt(0, "random seed")
+    output_dir: str = opt("runs/rm", "where the reward model, tokenizer and metrics.json go")
+    device: str = opt("auto", "cpu, cuda, or auto")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's)")
+    progress: bool = opt(True, "show a progress bar")
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -283,6 +315,12 @@ def _coerce(value, tp, key: str, choices):
     return _check_choice(out, key, choices)
 
 
+def _choices(f: dataclasses.Field):
+    """The allowed values of field ``f`` now (None: any value of its type)."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
 def _check_choice(value, key, choices):
     if choices is not None and value not in choices:
         allowed = ", ".join(str(c) for c in choices)
@@ -334,7 +372,7 @@ def _apply(obj, data: dict, prefix: str = "", root=None):
                 raise ConfigError(f"config key '{full}' is a section; give it a mapping of its keys.")
             _apply(getattr(obj, key), value, prefix=f"{full}.", root=root)
         else:
-            setattr(obj, key, _coerce(value, tp, full, fields[key].metadata.get("choices")))
+            setattr(obj, key, _coerce(value, tp, full, _choices(fields[key])))
 
 
 def parse_overrides(items) -> dict:
@@ -394,7 +432,7 @@ def validate(cfg):
         if not 0 < cfg.top_p <= 1:
             raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
         for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):
-            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty"))
+            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty", "off_policy_delta"))
         positive("algo.overlong_buffer", cfg.algo.overlong_buffer, strict=False)
         if cfg.algo.overlong_buffer is not None and cfg.algo.overlong_buffer > cfg.max_new_tokens:
             raise ConfigError(f"config key 'algo.overlong_buffer' ({cfg.algo.overlong_buffer}) must be at most "
@@ -425,12 +463,126 @@ def validate(cfg):
                 if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
                     raise ConfigError(f"config key 'reward_weights' must be a list of numbers, got {w!r} in "
                                       f"{cfg.reward_weights!r}.")
+        resolved_preset(cfg)
+        _check_rewards(cfg)
+        _check_parallel(cfg)
+        _check_rollout(cfg)
     if isinstance(cfg, SFTConfig):
         for key in ("max_steps", "batch_size", "learning_rate", "threads", "max_grad_norm"):
             positive(key, getattr(cfg, key), strict=key != "max_steps")
         for key in ("warmup_steps", "weight_decay"):
             positive(key, getattr(cfg, key), strict=False)
+    if isinstance(cfg, RMConfig):
+        for key in ("batch_size", "learning_rate", "log_steps", "eval_pairs"):
+            positive(key, getattr(cfg, key))
+        for key in ("max_steps", "warmup_steps"):
+            positive(key, getattr(cfg, key), strict=False)
+        if not 0 <= cfg.eval_fraction < 1:
+            raise ConfigError(f"config key 'eval_fraction' must be in [0, 1), got {cfg.eval_fraction}.")
+        if cfg.max_length is not None and cfg.max_length < 2:
+            raise ConfigError(f"config key 'max_length' must be >= 2, got {cfg.max_length}.")
     return cfg
+
+
+# Checks that need a loaded model, tokenizer or dataset stay where those are loaded: the dataset's
+# columns and prompt lengths (lmpo.data, train/setup.py), the model's context length and a model
+# directory that does not exist (train/setup.py), the reward model's loading (train/setup.py), and
+# what the machine provides (Ray and vLLM installed, a CUDA GPU, the torchrun world size).
+
+
+def resolved_preset(cfg: Config) -> dict:
+    """The preset ``cfg.algorithm`` with the ``cfg.algo`` / ``cfg.ppo.critic`` overrides applied
+    (lmpo.algorithms.resolve_preset), and the combinations the loop cannot train refused."""
+    overrides = {k: getattr(cfg.algo, k) for k in PRESET_KEYS if hasattr(cfg.algo, k)}
+    overrides["critic"] = cfg.ppo.critic
+    try:
+        algo = resolve_preset(cfg.algorithm, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"config key 'algorithm' / 'algo': {e}") from None
+    if algo["advantage"] == "gae" and algo["critic"] is None:
+        raise ConfigError("config: the 'gae' advantage needs a critic; set ppo.critic to 'separate' or 'shared'.")
+    if cfg.group_size == 1 and algo["advantage"] in ("group_norm", "group_mean", "batch_norm", "leave_one_out"):
+        raise ConfigError(f"config key 'group_size' is 1, but the advantage '{algo['advantage']}' (algorithm "
+                          f"'{cfg.algorithm}') compares the samples of a group: every advantage would be 0 and "
+                          "nothing would train. Set group_size >= 2 or another algo.advantage.")
+    if cfg.lora_r and cfg.iterative.ref_reset_steps and cfg.beta > 0 and algo["kl_placement"] != "none":
+        raise ConfigError("config keys 'lora_r' and 'iterative.ref_reset_steps' cannot be combined: with LoRA the "
+                          "reference is the base model with the adapter switched off, which a reset cannot move. "
+                          "Train without LoRA (lora_r=0) or set iterative.ref_reset_steps=0.")
+    return algo
+
+
+def _check_rewards(cfg: Config):
+    if cfg.iterative.rm_retrain and (not cfg.reward_model or not cfg.reward_funcs):
+        raise ConfigError("config key 'iterative.rm_retrain' needs a reward_model to retrain and at least one reward "
+                          "function (a verifier) in reward_funcs to label the new preference pairs.")
+
+
+def _check_parallel(cfg: Config):
+    """torchrun (when ``nproc`` > 1 launches it) and Ray."""
+    d = cfg.distributed
+    if d.max_staleness and d.backend != "ray":
+        raise ConfigError("config key 'distributed.max_staleness' needs distributed.backend=ray (asynchronous "
+                          "rollouts come from Ray rollout workers).")
+    if d.strategy != "none" and d.nproc > 1:
+        check_world(cfg, d.nproc)
+    if d.backend != "ray":
+        return
+    if d.strategy != "none":
+        raise ConfigError(f"config key 'distributed.backend' is 'ray' with distributed.strategy={d.strategy}: "
+                          "use one or the other (the Ray learner trains in one process).")
+    if d.rollout_workers < 1 or d.reward_workers < 1:
+        raise ConfigError("config keys 'distributed.rollout_workers' and 'distributed.reward_workers' must be >= 1 "
+                          f"(got {d.rollout_workers} and {d.reward_workers}).")
+    if d.max_staleness < 0:
+        raise ConfigError(f"config key 'distributed.max_staleness' must be >= 0 (got {d.max_staleness}).")
+    if cfg.rollout.engine != "builtin":
+        raise ConfigError(f"config key 'rollout.engine' is '{cfg.rollout.engine}' with distributed.backend=ray: Ray "
+                          "rollout workers use the built-in engine; use rollout.engine=builtin.")
+    if cfg.iterative.rm_retrain:
+        raise ConfigError("config key 'iterative.rm_retrain' is not supported with distributed.backend=ray: the reward "
+                          "model lives in the reward workers.")
+
+
+def check_world(cfg: Config, size: int):
+    """What ``size`` torchrun processes need (called again by train/distributed.py with the real world size)."""
+    d = cfg.distributed
+    if d.strategy == "none":
+        raise ConfigError(f"started by torchrun with {size} processes but config key 'distributed.strategy' is "
+                          "'none'; set it to 'ddp' or 'fsdp'.")
+    if cfg.prompts_per_step % size:
+        raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the number of "
+                          f"processes ({size}): each rank takes whole groups.")
+    if resolved_preset(cfg)["dynamic_sampling"]:
+        raise ConfigError("dynamic sampling (algorithm 'dapo' / algo.dynamic_sampling) is not supported with "
+                          f"distributed.strategy={d.strategy}: ranks would keep different numbers of groups; "
+                          "set algo.dynamic_sampling=false.")
+    if cfg.iterative.rm_retrain:
+        raise ConfigError("config key 'iterative.rm_retrain' is not supported with several processes: each rank "
+                          "would retrain its own reward model on its own samples.")
+    if d.strategy == "fsdp":
+        for key, bad in (("lora_r", cfg.lora_r > 0), ("ppo.critic", cfg.ppo.critic is not None),
+                         ("iterative.ref_reset_steps", bool(cfg.iterative.ref_reset_steps))):
+            if bad:
+                raise ConfigError(f"config key '{key}' is not supported with distributed.strategy=fsdp yet; "
+                                  "use distributed.strategy=ddp.")
+
+
+def _check_rollout(cfg: Config):
+    """vLLM: what it cannot record, and what server mode needs (an installed vLLM and a GPU are checked when it starts)."""
+    r = cfg.rollout
+    if r.engine != "vllm":
+        return
+    if cfg.algo.keep_sampling_mask:
+        raise ConfigError("config key 'algo.keep_sampling_mask' is not supported with rollout.engine: vllm (vLLM does "
+                          "not report the top-p/top-k support of each sampled token); set it to false or use "
+                          "rollout.engine: builtin.")
+    if cfg.algo.keep_routing:
+        raise ConfigError("config key 'algo.keep_routing' is not supported with rollout.engine: vllm (vLLM does not "
+                          "report the MoE experts chosen for each token); set it to false or use rollout.engine: builtin.")
+    if r.vllm_mode == "server" and not r.vllm_url:
+        raise ConfigError("config key 'rollout.vllm_url' is required with rollout.vllm_mode: server "
+                          "(the base URL of a running vLLM server, e.g. http://localhost:8000).")
 
 
 def _numbers(cfg, prefix: str = ""):
@@ -457,7 +609,7 @@ def help_text(cls=Config, prefix: str = "") -> str:
             lines.append(help_text(hints[f.name], prefix=f"{prefix}{f.name}."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        choices = f.metadata.get("choices")
+        choices = _choices(f)
         extra = f" {{{', '.join(str(c) for c in choices if c is not None)}}}" if choices else ""
         lines.append(f"  {prefix}{f.name} = {default!r}{extra}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from lmpo.config import ALGORITHMS, Config, ConfigError, SFTConfig, _all_keys, help_text, load_config, parse_overrides
+from lmpo.algorithms import PRESETS
+from lmpo.config import Config, ConfigError, SFTConfig, _all_keys, help_text, load_config, parse_overrides
 
 
 def test_yaml_then_overrides_with_types(tmp_path):
@@ -62,7 +63,7 @@ def test_unknown_key_in_yaml_section(tmp_path):
     ("tensorboard=maybe", "config key 'tensorboard' must be bool"),
     ("max_steps=true", "config key 'max_steps' must be int"),
     ("dataset=[a, b]", "config key 'dataset' must be str"),
-    ("algorithm=grpx", "config key 'algorithm' has the value 'grpx'; allowed values: " + ", ".join(ALGORITHMS)),
+    ("algorithm=grpx", "config key 'algorithm' has the value 'grpx'; allowed values: " + ", ".join(PRESETS)),
     ("algo.loss_agg=mean", "config key 'algo.loss_agg' has the value 'mean'; allowed values:"),
     ("reward_errors=ignore", "allowed values: skip, raise"),
     ("group_size=0", "config key 'group_size' must be > 0, got 0"),
@@ -115,3 +116,47 @@ def test_help_lists_every_field_with_its_doc(cls):
     for f in dataclasses.fields(cls):
         assert f.metadata.get("help"), f"{f.name} has no documentation"
     assert "allowed" not in text and "{grpo, ppo" in help_text(Config)
+
+
+def test_a_preset_and_an_estimator_registered_in_algorithms_alone_are_accepted_and_listed(capsys):
+    """The config's choice lists come from lmpo.algorithms' registries: a preset added to PRESETS and an
+    estimator registered with register_advantage are valid values and appear in ``lmpo train --help``."""
+    import torch
+
+    from lmpo.algorithms import ADVANTAGES, register_advantage
+    from lmpo.cli import main
+
+    def zeros(*, rewards, mask, **_):
+        return torch.zeros(mask.shape), None
+
+    with pytest.raises(ConfigError, match="'algorithm' has the value 'my_grpo'"):
+        load_config(None, ["algorithm=my_grpo"])
+    with pytest.raises(ConfigError, match="'algo.advantage' has the value 'my_adv'"):
+        load_config(None, ["algo.advantage=my_adv"])
+    PRESETS["my_grpo"] = dict(PRESETS["grpo"], advantage="my_adv", eps_high=0.3)
+    register_advantage("my_adv")(zeros)
+    try:
+        cfg = load_config(None, ["algorithm=my_grpo"])
+        from lmpo.train.setup import resolve_algorithm
+
+        algo = resolve_algorithm(cfg)
+        assert (algo.advantage, algo.eps_high) == ("my_adv", 0.3)
+        assert load_config(None, ["algo.advantage=my_adv"]).algo.advantage == "my_adv"
+        assert main(["train", "--help"]) == 0
+        text = capsys.readouterr().out
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith("algorithm ="))
+        assert "my_grpo" in line and "grpo" in line
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith("algo.advantage ="))
+        assert "my_adv" in line and "group_norm" in line
+    finally:
+        del PRESETS["my_grpo"], ADVANTAGES["my_adv"]
+    assert main(["train", "--help"]) == 0 and "my_grpo" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="'algorithm' has the value 'my_grpo'"):
+        load_config(None, ["algorithm=my_grpo"])
+
+
+def test_off_policy_delta_zero_is_allowed_and_negative_is_not():
+    """delta = 0 masks a negative-advantage sequence as soon as its estimated KL(old || theta) is positive."""
+    assert load_config(None, ["algo.off_policy_delta=0"]).algo.off_policy_delta == 0.0
+    with pytest.raises(ConfigError, match="'algo.off_policy_delta' must be >= 0"):
+        load_config(None, ["algo.off_policy_delta=-0.1"])

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO, read_jsonl, rl_overrides, run_lmpo, write_jsonl
 
-from lmpo.config import ConfigError, load_config
+from lmpo.config import ConfigError, check_world, load_config
 from lmpo.train import distributed as D
 
 REWARD = "def digits(prompts, completions, **kw):\n    return [sum(c.isdigit() for c in s) / 4 for s in completions]\n"
@@ -144,6 +144,9 @@ def test_combine_metrics():
                               "time/step_s": 3.0, "reward/invalid": 2, "name": "b"}])
     assert out == {"reward/mean": 0.5, "loss": 0.75, "actor/ratio_max": 1.3, "actor/ratio_min": 0.8,
                    "time/step_s": 3.0, "reward/invalid": 3, "name": "a"}
+    # Ray reward workers: means weighted by the part's size, counts summed, a missing count is 0
+    out = D.combine_metrics([{"reward/x/mean": 1.0, "reward/x/failures": 1.0}, {"reward/x/mean": 4.0}], [3, 1])
+    assert out == {"reward/x/mean": 1.75, "reward/x/failures": 1.0}
 
 
 @pytest.mark.parametrize("extra, key", [
@@ -164,4 +167,4 @@ def test_config_errors_before_joining_a_process_group(monkeypatch, extra, key):
 def test_scale_out_recipes_are_valid_configs(name, world):
     cfg = load_config(str(REPO / "examples" / name), [])
     assert cfg.distributed.strategy in ("ddp", "fsdp")
-    D.check_config(cfg, world)
+    check_world(cfg, world)

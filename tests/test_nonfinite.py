@@ -68,19 +68,15 @@ def test_nan_learning_rate_exits_2_naming_the_key(tiny_dir, tmp_path):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "rloo", "dapo", "gspo"])
 def test_group_size_one_with_a_group_estimator_is_a_config_error(algorithm):
-    cfg = rl_config("m", "o", algorithm=algorithm, group_size=1)
     with pytest.raises(ConfigError, match="'group_size' is 1"):
-        resolve_algorithm(cfg)
+        rl_config("m", "o", algorithm=algorithm, group_size=1)
     resolve_algorithm(rl_config("m", "o", algorithm="reinforce_pp", group_size=1))   # batch-level: fine
 
 
 def test_lora_with_reference_resets_is_refused():
-    cfg = rl_config("m", "o", lora_r=4, beta=0.1)
-    cfg.iterative.ref_reset_steps = 2
     with pytest.raises(ConfigError, match="'lora_r' and 'iterative.ref_reset_steps'"):
-        resolve_algorithm(cfg)
-    cfg.beta = 0.0                        # no reference at all: nothing to reset, nothing refused
-    resolve_algorithm(cfg)
+        rl_config("m", "o", lora_r=4, beta=0.1, **{"iterative.ref_reset_steps": 2})
+    rl_config("m", "o", lora_r=4, beta=0.0, **{"iterative.ref_reset_steps": 2})   # no reference: nothing refused
 
 
 def test_dapo_overlong_buffer_fits_any_budget():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,7 +82,7 @@ def test_keep_sampling_mask_makes_old_and_new_logp_agree(sft_dir, tmp_path):
     logp = rl.logp_of(run, run.policy, batch)
     real = batch.mask > 0
     assert torch.allclose(logp[real], batch.sampler_logp[real], atol=1e-5)
-    run.algo.keep_sampling_mask = False  # full-vocabulary log-probs differ from the kept-support ones
+    run.algo = dataclasses.replace(run.algo, keep_sampling_mask=False)  # full-vocabulary log-probs differ from the kept-support ones
     full = rl.logp_of(run, run.policy, batch)
     assert (full[real] <= batch.sampler_logp[real] + 1e-6).all() and not torch.allclose(full[real], batch.sampler_logp[real])
 
@@ -96,14 +97,14 @@ def test_sampler_logp_is_of_the_distribution_sampled_from(sft_dir, tmp_path):
     run = setup(rl_config(sft_dir, tmp_path / "s", top_k=3))
     kept, start = {}, run.prompts.state()
     for keep in (False, True):
-        run.algo.keep_sampling_mask = keep
+        run.algo = dataclasses.replace(run.algo, keep_sampling_mask=keep)
         run.prompts.load(start)
         kept[keep], _ = rl.collect(run, rl.Timer())               # same prompts, step and seeds: the same tokens
     plain, support = kept[False], kept[True]
     assert torch.equal(plain.completion_ids, support.completion_ids)
     real = plain.mask > 0
     assert torch.equal(plain.sampler_logp[real], support.sampler_logp[real])
-    run.algo.keep_sampling_mask = False
+    run.algo = dataclasses.replace(run.algo, keep_sampling_mask=False)
     full = rl.logp_of(run, run.policy, plain)
     assert (full[real] <= plain.sampler_logp[real] + 1e-6).all() and not torch.allclose(full[real], plain.sampler_logp[real])
     run.cfg.top_k = 0

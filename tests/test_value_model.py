@@ -6,7 +6,7 @@ import torch
 
 from lmpo.models.tiny import build_tiny
 from lmpo.models.value import (ValueHead, load_scalar_model, load_value_model, param_bytes, sequence_scores,
-                               shared_values, token_values, positions)
+                               token_values, positions)
 
 
 @pytest.fixture(autouse=True)
@@ -117,12 +117,12 @@ def test_value_gradient_reaches_backbone_and_head(tiny_dir, tok):
 def test_shared_value_head():
     head = ValueHead(16)
     h = torch.randn(4, 7, 16)
-    v = shared_values(h, head)
+    v = head(h)
     assert v.shape == (4, 7) and torch.equal(v, torch.zeros(4, 7))
     with torch.no_grad():
         head.proj.weight.fill_(1.0)
         head.proj.bias.fill_(0.5)
-    torch.testing.assert_close(shared_values(h, head), h.sum(-1) + 0.5, atol=1e-5, rtol=0)
+    torch.testing.assert_close(head(h), h.sum(-1) + 0.5, atol=1e-5, rtol=0)
     assert sum(p.numel() for p in head.parameters()) == 17
 
 

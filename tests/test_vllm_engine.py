@@ -188,13 +188,12 @@ def test_colocate_without_cuda_says_so(tmp_path, tiny_dir, tok, monkeypatch):
         VLLMEngine.from_config(_cfg(tmp_path), tiny_dir, tok)
 
 
-def test_unsupported_sampling_records_and_missing_url(tmp_path, tiny_dir, tok):
-    engine = VLLMEngine(backend=None, tokenizer=tok)
-    for field, key in (("keep_support", "algo.keep_sampling_mask"), ("keep_routing", "algo.keep_routing")):
+def test_unsupported_sampling_records_and_missing_url(tmp_path):
+    for key in ("algo.keep_sampling_mask", "algo.keep_routing"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            engine.generate(PROMPTS, ROWS, [1, 2, 3], SamplingSpec(group_size=2, max_new_tokens=4, **{field: True}))
+            _cfg(tmp_path, **{key: "true"})
     with pytest.raises(ConfigError, match=r"rollout\.vllm_url"):
-        VLLMEngine.from_config(_cfg(tmp_path, **{"rollout.vllm_mode": "server"}), tiny_dir, tok)
+        _cfg(tmp_path, **{"rollout.vllm_mode": "server"})
 
 
 def test_unreachable_server_names_url_and_key(tmp_path, tiny_dir, tok):

@@ -20,7 +20,7 @@ from .masks import (
     truncated_is_weights,
     zero_std_groups,
 )
-from .presets import PRESET_KEYS, PRESETS, overlong_buffer_tokens, resolve_preset
+from .presets import PRESET_KEYS, PRESETS, overlong_buffer_tokens, preset_choices, resolve_preset
 
 __all__ = [
     "ADVANTAGES", "register_advantage", "grpo_advantages", "rloo_advantages", "gae_advantages",
@@ -29,5 +29,5 @@ __all__ = [
     "KL_ESTIMATORS", "kl_penalty", "unbiased_kl", "kl_in_reward", "turn_token_rewards", "adaptive_kl_coef",
     "off_policy_sequence_mask", "truncated_is_weights", "zero_std_groups", "overlong_penalty",
     "sampling_support_logp",
-    "PRESETS", "PRESET_KEYS", "resolve_preset", "overlong_buffer_tokens",
+    "PRESETS", "PRESET_KEYS", "preset_choices", "resolve_preset", "overlong_buffer_tokens",
 ]

@@ -13,7 +13,7 @@ from .advantages import ADVANTAGES
 from .kl import KL_ESTIMATORS
 from .losses import AGGREGATIONS
 
-__all__ = ["PRESETS", "PRESET_KEYS", "resolve_preset", "overlong_buffer_tokens"]
+__all__ = ["PRESETS", "PRESET_KEYS", "preset_choices", "resolve_preset", "overlong_buffer_tokens"]
 
 PRESET_KEYS = (
     "advantage",          # key of ADVANTAGES
@@ -78,6 +78,16 @@ _ALLOWED: dict[str, tuple] = {
     "kl_estimator": KL_ESTIMATORS,
     "critic": (None, "separate", "shared"),
 }
+
+
+def preset_choices(key: str) -> tuple | None:
+    """The values preset key `key` may take, read from the registries when called (an estimator
+    or aggregation registered later is allowed at once); None for a number or a bool."""
+    if key == "advantage":
+        return tuple(ADVANTAGES)
+    if key == "loss_agg":
+        return tuple(AGGREGATIONS)
+    return _ALLOWED.get(key)
 
 
 def _check(cfg: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import json
 import os
 from pathlib import Path
 
@@ -136,6 +137,16 @@ def hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach()     # an FSDP2 DTensor: gathered
+
+
+def save_pretrained_as_hf(model, path, state_dict: dict) -> None:
+    """``model.save_pretrained(path, state_dict=state_dict)`` with FSDP's class rename undone in
+    config.json (``FSDPLlamaForCausalLM`` -> ``LlamaForCausalLM``), so it loads as the unsharded model."""
+    model.save_pretrained(path, state_dict=state_dict)
+    cfg = Path(path) / "config.json"
+    data = json.loads(cfg.read_text())
+    data["architectures"] = [a.removeprefix("FSDP") for a in data.get("architectures") or []]
+    cfg.write_text(json.dumps(data, indent=2))
 
 
 def unwrap_ddp(model):

@@ -6,7 +6,6 @@ them (``AutoTokenizer.from_pretrained(d)``, ``AutoModelForCausalLM.from_pretrain
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
@@ -71,6 +70,3 @@ def build_tiny(out_dir: str | Path, seed: int = 0, **model_kwargs) -> Path:
     tokenizer.save_pretrained(out)
     return out
 
-
-def is_printable(text: str) -> bool:
-    return all(c in string.printable for c in text)

@@ -164,12 +164,6 @@ class ValueHead(nn.Module):
         return self.proj(hidden.to(self.proj.weight.dtype)).squeeze(-1).float()
 
 
-def shared_values(hidden: torch.Tensor, head: ValueHead) -> torch.Tensor:
-    """Values from the policy's hidden states at the positions that predict the completion
-    tokens, hidden [N, T, H] -> [N, T] float32."""
-    return head(hidden)
-
-
 # ----------------------------------------------------------------------------- memory
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from ..data import DatasetError
+
 
 @dataclass
 class RolloutBatch:
@@ -86,7 +88,7 @@ class RolloutBatch:
             if all(v is None for v in vals):
                 out[f.name] = None
             elif isinstance(vals[0], torch.Tensor):
-                out[f.name] = _cat_padded(vals, f.name)
+                out[f.name] = cat_padded(vals, f.name)
             elif isinstance(vals[0], list) and f.name != "routing":
                 out[f.name] = [x for v in vals for x in v]
             elif f.name == "routing":
@@ -116,7 +118,9 @@ def _cat_routing(batches):
 _PAD = {"step_ends": -1, "step_rewards": float("nan")}  # right-padding values other than 0
 
 
-def _cat_padded(vals, name):
+def cat_padded(vals, name):
+    """Concatenate ``vals`` ([n_i, ...]) along rows, padding dim 1 to the widest: prompts on the left,
+    other fields on the right with ``_PAD``'s value for ``name`` (0 by default)."""
     if vals[0].dim() == 1:
         return torch.cat(vals)
     width = max(v.shape[1] for v in vals)
@@ -132,3 +136,17 @@ def _cat_padded(vals, name):
                 v = torch.cat([v, pad], 1)
         out.append(v)
     return torch.cat(out)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_ids, prompt_mask), both [B, P] and left-padded, exactly as the built-in ``rollout``
+    tokenizes (``add_special_tokens=True``); DatasetError naming the first prompt longer than
+    ``max_prompt_len`` tokens."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    if max_prompt_len is not None and ids.shape[1] > max_prompt_len:
+        lengths = mask.sum(-1)
+        bad = int((lengths > max_prompt_len).nonzero()[0, 0])
+        raise DatasetError(f"prompt {bad} of this batch is {int(lengths[bad])} tokens, longer than max_prompt_len={max_prompt_len} "
+                           f"(the model's context minus max_new_tokens): {prompts[bad][:80]!r}")
+    return ids, mask

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import RolloutBatch
+from .batch import RolloutBatch, encode_prompts
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -147,15 +147,8 @@ def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_siz
 
     record = keep_routing and is_moe(model)
     device = device or next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-    ids, pmask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-    if max_prompt_len is not None and ids.shape[1] > max_prompt_len:
-        lengths = pmask.sum(-1)
-        bad = int((lengths > max_prompt_len).nonzero()[0, 0])
-        from ..data import DatasetError
-
-        raise DatasetError(f"prompt {bad} of this batch is {int(lengths[bad])} tokens, longer than max_prompt_len={max_prompt_len} "
-                         f"(the model's context minus max_new_tokens): {prompts[bad][:80]!r}")
+    ids, pmask = encode_prompts(tokenizer, prompts, max_prompt_len)
+    ids, pmask = ids.to(device), pmask.to(device)
     with RoutingRecorder(model) if record else nullcontext() as rec:
         out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

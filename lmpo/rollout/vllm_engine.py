@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..models.load import hf_weights, iter_hf_weights, unwrap_ddp
-from .batch import RolloutBatch
+from ..models.load import hf_weights, iter_hf_weights, save_pretrained_as_hf, unwrap_ddp
+from .batch import RolloutBatch, encode_prompts
 from .engine import SamplingSpec
 
 INSTALL = "pip install 'lmpo[vllm]'"
@@ -60,33 +60,6 @@ class Completion:
     token_ids: list[int]        # the sampled tokens, the stop token (EOS) included when one ended it
     logprobs: list[float]       # log-prob of each of them under the distribution it was sampled from
     finish_reason: str | None   # "stop" (a stop token ended it), "length" (max_tokens reached); None: unknown
-
-
-def check_spec(spec: SamplingSpec) -> None:
-    """ConfigError for what vLLM cannot record here: the top-p/top-k support and MoE routing."""
-    if spec.keep_support:
-        raise ConfigError("config key 'algo.keep_sampling_mask' is not supported with rollout.engine: vllm (vLLM does "
-                          "not report the top-p/top-k support of each sampled token); set it to false or use "
-                          "rollout.engine: builtin.")
-    if spec.keep_routing:
-        raise ConfigError("config key 'algo.keep_routing' is not supported with rollout.engine: vllm (vLLM does not "
-                          "report the MoE experts chosen for each token); set it to false or use rollout.engine: builtin.")
-
-
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_ids, prompt_mask), both [B, P] and left-padded, exactly as the built-in ``rollout``
-    tokenizes (``add_special_tokens=True``); DatasetError naming the first prompt longer than
-    ``max_prompt_len`` tokens."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    if max_prompt_len is not None and ids.shape[1] > max_prompt_len:
-        lengths = mask.sum(-1)
-        bad = int((lengths > max_prompt_len).nonzero()[0, 0])
-        from ..data import DatasetError
-
-        raise DatasetError(f"prompt {bad} of this batch is {int(lengths[bad])} tokens, longer than max_prompt_len={max_prompt_len} "
-                           f"(the model's context minus max_new_tokens): {prompts[bad][:80]!r}")
-    return ids, mask
 
 
 def to_rollout_batch(tokenizer, prompts: list[str], rows: list[dict], groups: list[list[Completion]],
@@ -212,11 +185,7 @@ def save_weights(model: torch.nn.Module, tokenizer, path: Path, main: bool = Tru
         return
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    _hf_module(model).save_pretrained(tmp, state_dict=weights)
-    cfg = tmp / "config.json"                       # FSDP renamed the class (FSDPLlamaForCausalLM)
-    data = json.loads(cfg.read_text())
-    data["architectures"] = [a.removeprefix("FSDP") for a in data.get("architectures") or []]
-    cfg.write_text(json.dumps(data, indent=2))
+    save_pretrained_as_hf(_hf_module(model), tmp, weights)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
@@ -259,9 +228,6 @@ class VLLMEngine:
             backend = ColocatedVLLM(str(model_dir), str(cfg.tokenizer or model_dir), r.vllm_gpu_memory_utilization,
                                     dtype=cfg.dtype, seed=cfg.seed, max_model_len=max_len)
         elif r.vllm_mode == "server":
-            if not r.vllm_url:
-                raise ConfigError("config key 'rollout.vllm_url' is required with rollout.vllm_mode: server "
-                                  "(the base URL of a running vLLM server, e.g. http://localhost:8000).")
             sync = Path(r.vllm_sync_dir) if r.vllm_sync_dir else Path(cfg.output_dir) / "vllm_weights"
             backend = VLLMServer(r.vllm_url, sync, tokenizer)
         else:
@@ -270,7 +236,6 @@ class VLLMEngine:
 
     def generate(self, prompts: list[str], rows: list[dict], seeds: list[int], spec: SamplingSpec) -> RolloutBatch:
         """G completions per prompt (grouped, prompt-major) from vLLM; ``seeds[j]`` drives prompt j's group."""
-        check_spec(spec)
         if len(seeds) != len(prompts) or len(rows) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts need as many rows and seeds; got {len(rows)} and {len(seeds)}.")
         ids, mask = encode_prompts(self.tokenizer, prompts, spec.max_prompt_len)
@@ -284,11 +249,6 @@ class VLLMEngine:
     def update_weights(self, model: torch.nn.Module, version: int) -> None:
         """Remember the trainer's module after ``version`` optimizer steps (pushed before the next generate)."""
         self._pending = None if version == self.version else (model, int(version))
-
-    def close(self) -> None:
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
 
 
 class ColocatedVLLM:

@@ -43,7 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from ..config import check_world
+from ..models.load import save_pretrained_as_hf
+from ..rollout.batch import cat_padded
 
 
 @dataclass
@@ -89,10 +91,7 @@ def init(cfg) -> World:
     strategy = cfg.distributed.strategy
     if size == 1:
         return World(0, 1, strategy)
-    if strategy == "none":
-        raise ConfigError(f"started by torchrun with {size} processes but config key 'distributed.strategy' is "
-                          "'none'; set it to 'ddp' or 'fsdp'.")
-    check_config(cfg, size)
+    check_world(cfg, size)
     import torch.distributed as dist
 
     cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
@@ -101,29 +100,6 @@ def init(cfg) -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), strategy)
-
-
-def check_config(cfg, size: int):
-    """What a multi-process run needs, as ConfigErrors naming the key."""
-    d = cfg.distributed
-    if cfg.prompts_per_step % size:
-        raise ConfigError(f"config key 'prompts_per_step' ({cfg.prompts_per_step}) must be divisible by the number of "
-                          f"processes ({size}): each rank takes whole groups.")
-    from .setup import resolve_algorithm
-
-    if resolve_algorithm(cfg).dynamic_sampling:
-        raise ConfigError("dynamic sampling (algorithm 'dapo' / algo.dynamic_sampling) is not supported with "
-                          f"distributed.strategy={d.strategy}: ranks would keep different numbers of groups; "
-                          "set algo.dynamic_sampling=false.")
-    if cfg.iterative.rm_retrain:
-        raise ConfigError("config key 'iterative.rm_retrain' is not supported with several processes: each rank "
-                          "would retrain its own reward model on its own samples.")
-    if d.strategy == "fsdp":
-        for key, bad in (("lora_r", cfg.lora_r > 0), ("ppo.critic", cfg.ppo.critic is not None),
-                         ("iterative.ref_reset_steps", bool(cfg.iterative.ref_reset_steps))):
-            if bad:
-                raise ConfigError(f"config key '{key}' is not supported with distributed.strategy=fsdp yet; "
-                                  "use distributed.strategy=ddp.")
 
 
 def finish(run):
@@ -245,9 +221,6 @@ def all_sum(run, values: dict) -> dict:
     return {k: flat[i].to(values[k].dtype if torch.is_tensor(values[k]) else torch.float64) for i, k in enumerate(keys)}
 
 
-_PAD = {"step_rewards": float("nan"), "step_ends": -1}
-
-
 def global_rows(run, fn, **rows):
     """``fn(**rows)`` computed on the global batch: each ``rows`` tensor ([n, ...], this rank's rows;
     None passes through) is gathered from all ranks (padded to the widest), ``fn`` runs on the
@@ -260,7 +233,7 @@ def global_rows(run, fn, **rows):
     local = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rows.items()}
     parts: list = [None] * run.world.size
     dist.all_gather_object(parts, local)
-    full = {k: (None if v is None else _pad_cat([p[k] for p in parts], _PAD.get(k, 0)))
+    full = {k: (None if v is None else cat_padded([p[k] for p in parts], k))
             for k, v in local.items()}
     device = rows["mask"].device
     outs = fn(**{k: (v.to(device) if v is not None else None) for k, v in full.items()})
@@ -274,13 +247,6 @@ def global_rows(run, fn, **rows):
         return t[..., :width] if t.dim() > 1 else t
 
     return tuple(mine(t) for t in outs) if isinstance(outs, tuple) else mine(outs)
-
-
-def _pad_cat(tensors, value):
-    if tensors[0].dim() < 2:
-        return torch.cat(tensors)
-    width = max(t.shape[-1] for t in tensors)
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value) for t in tensors])
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -299,21 +265,25 @@ def reduce_metrics(run, metrics: dict) -> dict:
     return combine_metrics(parts)
 
 
-def combine_metrics(parts: list[dict]) -> dict:
-    """Per-rank metric dicts -> one dict (see ``reduce_metrics``); keys and non-numbers of the first."""
+def combine_metrics(parts: list[dict], weights: list[float] | None = None) -> dict:
+    """Metric dicts of several parts (ranks, Ray reward workers, dynamic-sampling rounds) -> one, by
+    key: losses and counts (``*loss``, ``*failures``, ``*invalid``) summed, ``*_max`` and ``time/*``
+    the largest, ``*_min`` the smallest, the rest averaged, weighted by ``weights`` (default equal):
+    sum_i w_i v_i / sum_i w_i. A key missing from a part is 0 there; a non-number is the first's."""
+    weights = [1] * len(parts) if weights is None else weights
     out = {}
-    for k, v in parts[0].items():
-        vals = [p[k] for p in parts if k in p]
+    for k in {k: None for p in parts for k in p}:
+        vals = [p.get(k, 0) for p in parts]
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-            out[k] = v
-        elif k.endswith("loss") or k.endswith("failures") or k == "reward/invalid":
+            out[k] = next(p[k] for p in parts if k in p)
+        elif k.endswith(("loss", "failures", "invalid")):
             out[k] = sum(vals)
         elif k.endswith("_max") or k.startswith("time/"):
             out[k] = max(vals)
         elif k.endswith("_min"):
             out[k] = min(vals)
         else:
-            out[k] = sum(vals) / len(vals)
+            out[k] = sum(v * w for v, w in zip(vals, weights)) / sum(weights)
     return out
 
 
@@ -336,15 +306,8 @@ class _FullWeights:
     def __init__(self, model, state_dict):
         self.model, self.state_dict = model, state_dict
 
-    def save_pretrained(self, path, **kw):
-        import json
-        from pathlib import Path
-
-        self.model.save_pretrained(path, state_dict=self.state_dict, **kw)
-        cfg = Path(path) / "config.json"             # FSDP renamed the class (FSDPLlamaForCausalLM)
-        data = json.loads(cfg.read_text())
-        data["architectures"] = [a.removeprefix("FSDP") for a in data.get("architectures") or []]
-        cfg.write_text(json.dumps(data, indent=2))
+    def save_pretrained(self, path):
+        save_pretrained_as_hf(self.model, path, self.state_dict)
 
 
 def saveable(run, model):

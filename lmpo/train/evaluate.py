@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..data import render_prompt
-from ..rewards.combine import reward_inputs
+from ..rewards.combine import compute_rewards, resolve_reward_funcs, reward_inputs
+from ..rewards.process import is_process_reward
 from ..rollout import rollout
 
 
@@ -34,3 +35,28 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
         length += float(batch.mask.sum())
     model.train(was_training)
     return {"accuracy": total / max(n, 1), "mean_length": length / max(n, 1)}
+
+
+def eval_sources(cfg, sources: list, weights: list) -> tuple[list, list]:
+    """The reward sources that score held-out evaluation: ``cfg.eval_reward_funcs`` (weight 1 each),
+    else the outcome sources among ``sources`` (process rewards score steps, not answers)."""
+    if cfg.eval_reward_funcs:
+        chosen = resolve_reward_funcs(list(cfg.eval_reward_funcs))
+        return chosen, [1.0] * len(chosen)
+    pairs = [(s, w) for s, w in zip(sources, weights) if not is_process_reward(s[1])]
+    return [s for s, _ in pairs], [w for _, w in pairs]
+
+
+def held_out_accuracy(model, tokenizer, rows: list[dict], sources: list, weights: list, cfg,
+                      trainer_state=None) -> dict:
+    """``{"greedy_accuracy", "sampled_accuracy"}`` of ``model`` on ``rows`` under the weighted reward
+    ``sources``; sampling at ``cfg.temperature``, seeded with ``cfg.seed`` (``lmpo train`` and ``lmpo eval``)."""
+
+    def reward_fn(prompts, completions, completion_ids=None, **columns):
+        return compute_rewards(sources, weights, prompts, completions, columns, completion_ids=completion_ids,
+                               trainer_state=trainer_state, timeout_s=cfg.reward_timeout_s).rewards
+
+    kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    greedy = evaluate(model, tokenizer, rows, reward_fn, **kw)
+    sampled = evaluate(model, tokenizer, rows, reward_fn, temperature=cfg.temperature, **kw)
+    return {"greedy_accuracy": greedy["accuracy"], "sampled_accuracy": sampled["accuracy"]}

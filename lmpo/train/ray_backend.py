@@ -37,7 +37,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, validate
+from .distributed import combine_metrics
 
 
 class WorkerError(RuntimeError):
@@ -52,31 +53,13 @@ def _ray():
     return ray
 
 
-def check_config(cfg):
-    d = cfg.distributed
-    if d.strategy != "none":
-        raise ConfigError(f"config key 'distributed.backend' is 'ray' with distributed.strategy={d.strategy}: "
-                          "use one or the other (the Ray learner trains in one process).")
-    if d.rollout_workers < 1 or d.reward_workers < 1:
-        raise ConfigError("config keys 'distributed.rollout_workers' and 'distributed.reward_workers' must be >= 1 "
-                          f"(got {d.rollout_workers} and {d.reward_workers}).")
-    if d.max_staleness < 0:
-        raise ConfigError(f"config key 'distributed.max_staleness' must be >= 0 (got {d.max_staleness}).")
-    if cfg.rollout.engine != "builtin":
-        raise ConfigError(f"config key 'rollout.engine' is '{cfg.rollout.engine}' with distributed.backend=ray: Ray "
-                          "rollout workers use the built-in engine; use rollout.engine=builtin.")
-    if cfg.iterative.rm_retrain:
-        raise ConfigError("config key 'iterative.rm_retrain' is not supported with distributed.backend=ray: the reward "
-                          "model lives in the reward workers.")
-
-
 # ----------------------------------------------------------------------------- driver
 
 
 def launch(cfg, resume: bool = False) -> dict:
     """``lmpo train`` with ``distributed.backend: ray``: join (or start) a Ray cluster, reserve the
     placement group, run the loop in the learner actor and return its final metrics."""
-    check_config(cfg)
+    validate(cfg)                                  # before a cluster is joined or started
     ray = _ray()
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -365,11 +348,7 @@ class RewardPool:
 def _merge_stats(stats: list[dict], sizes: list[int], batch) -> dict:
     """One step's reward statistics from W parts: counts add up, means are size-weighted, and the
     reward's mean / std are recomputed over the whole batch."""
-    total = sum(sizes)
-    out = {"_n": 1}
-    for k in {k for s in stats for k in s if k != "_n"}:
-        vals = [(s.get(k, 0), n) for s, n in zip(stats, sizes)]
-        out[k] = sum(v for v, _ in vals) if k.endswith(("failures", "invalid")) else sum(v * n for v, n in vals) / total
+    out = combine_metrics(stats, sizes)
     r = batch.rewards[batch.valid]
     out["reward/mean"] = float(r.mean()) if r.numel() else float("nan")
     out["reward/std"] = float(r.std()) if r.numel() > 1 else 0.0
@@ -434,7 +413,6 @@ class Prefetch:
 def attach_workers(run):
     """In the learner: rollout and reward worker pools, and the asynchronous collector when
     ``max_staleness`` > 0. Their actors are stopped by ``run.close()``."""
-    check_config(run.cfg)
     run.engine = RolloutPool(run)
     run.closers.append(run.engine.close)
     run.scorer = RewardPool(run)

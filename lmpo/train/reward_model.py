@@ -15,42 +15,17 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lmpo.config import ConfigError, load_config, opt, to_dict
+from lmpo.config import ConfigError, RMConfig, load_config, to_dict, validate
 from lmpo.data.datasets import DatasetError, render_prompt
 from lmpo.data.preferences import addition_preferences, load_preferences
 from lmpo.data.tasks import ADDITION
+from lmpo.models.load import resolve_device
 from lmpo.models.value import load_scalar_model, sequence_scores
-
-
-@dataclass
-class RMConfig:
-    """``lmpo rm``: a reward model from (prompt, chosen, rejected[, margin]) pairs."""
-
-    model: str | None = opt(None, "causal-LM directory (a new scalar head, e.g. an `lmpo sft` output), reward-model directory (continued), or 'tiny' (a fresh random tiny model); default: the embedded tiny model after its SFT warm start (built once and cached, as for `lmpo train`)")
-    tokenizer: str | None = opt(None, "tokenizer directory (default: the model's)")
-    dataset: str = opt("addition", "jsonl/json/parquet/csv/saved HF dataset with prompt, chosen, rejected (and optional margin) columns, or 'addition'")
-    eval_dataset: str | None = opt(None, "held-out pairs (default: 'addition' uses pairs on its held-out prompts; other datasets split off eval_fraction)")
-    eval_fraction: float = opt(0.05, "fraction of the dataset held out for evaluation when eval_dataset is not set")
-    eval_pairs: int = opt(400, "held-out pairs evaluated (at most)")
-    max_steps: int = opt(600, "optimizer steps")
-    batch_size: int = opt(64, "preference pairs per step")
-    learning_rate: float = opt(3e-4, "AdamW learning rate (cosine decay after warmup); for a pretrained model of 0.5B+ parameters use ~1e-5")
-    warmup_steps: int = opt(30, "linear warmup steps")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float | None = opt(1.0, "gradient clipping norm (None = off)")
-    max_length: int | None = opt(None, "truncate prompt+response to this many tokens, keeping the end (default: the tokenizer's limit)")
-    log_steps: int = opt(10, "record the training loss every N steps")
-    seed: int = opt(0, "random seed")
-    output_dir: str = opt("runs/rm", "where the reward model, tokenizer and metrics.json go")
-    device: str = opt("auto", "cpu, cuda, or auto")
-    threads: int | None = opt(None, "torch CPU threads (default: torch's)")
-    progress: bool = opt(True, "show a progress bar")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -195,25 +170,6 @@ def _sampler(pairs: list[dict], batch_size: int, rng: random.Random):
 # ----------------------------------------------------------------------------- lmpo rm
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _check(cfg: RMConfig):
-    for key in ("batch_size", "learning_rate", "log_steps", "eval_pairs"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {getattr(cfg, key)}.")
-    for key in ("max_steps", "warmup_steps"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(cfg, key)}.")
-    if not 0 <= cfg.eval_fraction < 1:
-        raise ConfigError(f"config key 'eval_fraction' must be in [0, 1), got {cfg.eval_fraction}.")
-    if cfg.max_length is not None and cfg.max_length < 2:
-        raise ConfigError(f"config key 'max_length' must be >= 2, got {cfg.max_length}.")
-
-
 TINY = "tiny"
 
 
@@ -269,13 +225,13 @@ def train_reward_model(cfg: RMConfig) -> dict:
     """Train a reward model as ``cfg`` says, save it to ``cfg.output_dir`` and return the metrics
     (also written to ``metrics.json``): ``eval/accuracy``, ``eval/loss``, ``eval/margin``, the
     training curve ``train/loss_curve`` and ``time_s``."""
-    _check(cfg)
+    validate(cfg)
     t0 = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     train, held = _datasets(cfg)
     model, tokenizer = _load_model(cfg)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -328,7 +284,7 @@ def continue_training(model_dir, new_pairs: list[dict], replay_pairs: list[dict]
         raise ValueError("continue_training needs at least one new preference pair.")
     if not 0 <= replay_frac < 1:
         raise ValueError(f"replay_frac must be in [0, 1), got {replay_frac}.")
-    device = torch.device(device) if device is not None else _device("auto")
+    device = torch.device(device) if device is not None else resolve_device("auto")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_scalar_model(model_dir, tokenizer, require_head=True).to(device)
     replay_pairs = replay_pairs or []

@@ -127,14 +127,14 @@ def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, 
     if run.prefetch is not None and step is None:
         return run.prefetch.next(t)
     cfg, algo = run.cfg, run.algo
-    kept, dropped, rounds, zero_std, n_groups, stats = [], [], 0, 0, 0, {}
+    kept, dropped, rounds, zero_std, n_groups, stats = [], [], 0, 0, 0, []
     need, state = cfg.prompts_per_step, reward_state(run, step)      # the trainer_state reward functions get
     while True:
         with t("rollout"):
             batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size),
                            rounds, step)
         with t("reward"):
-            stats = merge_sums(stats, run.scorer(batch, state))
+            stats.append(run.scorer(batch, state))
         flat = A.zero_std_groups(torch.nan_to_num(batch.rewards, nan=0.0), cfg.group_size)        # [B]
         zero_std += int(flat.sum())
         n_groups += flat.numel()
@@ -153,8 +153,7 @@ def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, 
     if short > 0 and dropped:
         batch = RolloutBatch.cat([batch, RolloutBatch.cat(dropped).select(torch.arange(short))])
     batch = batch.select(torch.arange(min(len(batch), need * cfg.group_size)))
-    rounds_scored = stats.pop("_n")                      # counts add up over rounds; the rest is averaged
-    stats = {k: v if k.endswith(("failures", "invalid")) else v / rounds_scored for k, v in stats.items()}
+    stats = D.combine_metrics(stats)                     # over the rounds: counts add up, the rest is averaged
     stats["frac_zero_std_groups"] = zero_std / max(1, n_groups)
     if algo.dynamic_sampling:
         stats["dynamic/extra_rounds"] = rounds
@@ -242,7 +241,7 @@ def score(run: Run, batch: RolloutBatch, state=None) -> dict:
     valid = valid & torch.isfinite(rewards)      # float32: 1e39 is inf there; NaN or inf = an invalid sample
     batch.rewards, batch.valid = rewards, valid
     r = rewards[valid].double()                  # float64: sums of rewards near 3e38 do not overflow
-    return {"_n": 1, **metrics,
+    return {**metrics,
             "reward/mean": float(r.mean()) if r.numel() else float("nan"),
             "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
             "reward/invalid": int((~valid).sum()),
@@ -294,10 +293,6 @@ def process_rewards(batch: RolloutBatch, process: list, prompts: list, completio
 
 def _finite(v):
     return None if v is None or not math.isfinite(v) else v
-
-
-def merge_sums(a: dict, b: dict) -> dict:
-    return {k: a.get(k, 0) + b.get(k, 0) for k in {**a, **b}}
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -656,27 +651,12 @@ def write_summary(run: Run, metrics: dict, wall_s: float):
 
 
 def evaluate_policy(run: Run) -> dict:
-    from ..rewards.combine import compute_rewards
-    from .evaluate import evaluate
+    from .evaluate import eval_sources, held_out_accuracy
 
-    from ..rewards.combine import resolve_reward_funcs
-    from ..rewards.process import is_process_reward
-
-    if run.cfg.eval_reward_funcs:
-        sources = resolve_reward_funcs(list(run.cfg.eval_reward_funcs))
-        weights = [1.0] * len(sources)
-    else:
-        pairs = [(s, w) for s, w in zip(run.reward_sources, run.reward_weights) if not is_process_reward(s[1])]
-        sources, weights = [s for s, _ in pairs], [w for _, w in pairs]
+    sources, weights = eval_sources(run.cfg, run.reward_sources, run.reward_weights)
     if not sources:
         return {}
-
-    def reward_fn(prompts, completions, completion_ids=None, **columns):
-        return compute_rewards(sources, weights, prompts, completions, columns, completion_ids=completion_ids,
-                               trainer_state=reward_state(run), timeout_s=run.cfg.reward_timeout_s).rewards
-
-    kw = dict(max_new_tokens=run.cfg.max_new_tokens, seed=run.cfg.seed)
     with D.unsharded(run):                                          # every rank evaluates the same rows
-        greedy = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, **kw)
-        sampled = evaluate(run.policy, run.tokenizer, run.eval_rows, reward_fn, temperature=run.cfg.temperature, **kw)
-    return {"eval/greedy_accuracy": greedy["accuracy"], "eval/sampled_accuracy": sampled["accuracy"]}
+        acc = held_out_accuracy(run.policy, run.tokenizer, run.eval_rows, sources, weights, run.cfg,
+                                trainer_state=reward_state(run))
+    return {f"eval/{k}": v for k, v in acc.items()}

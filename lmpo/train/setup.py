@@ -8,12 +8,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from ..algorithms import PRESET_KEYS, overlong_buffer_tokens, resolve_preset
-from ..config import Config, ConfigError, to_dict
+from ..algorithms import overlong_buffer_tokens
+from ..config import Config, ConfigError, resolved_preset, to_dict, validate
 from ..data import addition_heldout, load_rows, render_prompt
 from ..data.datasets import check_prompt_lengths
 from ..data.tasks import ADDITION
@@ -53,15 +52,41 @@ class PromptStream:
         self._perm = self._shuffle()
 
 
-def resolve_algorithm(cfg: Config) -> SimpleNamespace:
+@dataclass(frozen=True)
+class Algorithm:
+    """The resolved algorithm the loop reads: a preset's choices (``lmpo.algorithms.PRESET_KEYS``) with
+    the config's overrides, and the options that are not part of presets."""
+
+    advantage: str                  # key of lmpo.algorithms.ADVANTAGES
+    ratio_level: str                # "token" | "sequence"
+    eps_low: float
+    eps_high: float
+    dual_clip: float | None
+    loss_agg: str                   # key of lmpo.algorithms.AGGREGATIONS
+    kl_placement: str               # "loss" | "reward" | "none"
+    kl_estimator: str               # "k1" | "k2" | "k3"
+    unbiased_kl: bool
+    whiten_advantages: bool
+    critic: str | None              # None | "separate" | "shared"
+    dynamic_sampling: bool
+    overlong_buffer: int            # tokens ("auto" resolved against max_new_tokens)
+    overlong_penalty: float
+    max_extra_rounds: int
+    adv_eps: float
+    gamma: float
+    lam: float
+    off_policy_delta: float | None
+    keep_sampling_mask: bool
+    keep_routing: bool
+    tis_cap: float | None
+    max_len: int                    # constant normalizer of seq-mean-token-sum-norm
+
+
+def resolve_algorithm(cfg: Config) -> Algorithm:
     """The preset named by ``cfg.algorithm`` with ``cfg.algo`` / ``cfg.ppo.critic`` overrides applied,
-    plus the options that are not part of presets (DeepSeek-V3.2 corrections, GAE settings)."""
-    overrides = {k: getattr(cfg.algo, k) for k in PRESET_KEYS if hasattr(cfg.algo, k)}
-    overrides["critic"] = cfg.ppo.critic
-    try:
-        algo = resolve_preset(cfg.algorithm, **overrides)
-    except ValueError as e:
-        raise ConfigError(f"config key 'algorithm' / 'algo': {e}") from None
+    plus the options that are not part of presets (DeepSeek-V3.2 corrections, GAE settings).
+    Its checks live in ``lmpo.config`` (``resolved_preset``)."""
+    algo = resolved_preset(cfg)
     for k in ("max_extra_rounds", "adv_eps", "gamma", "lam", "off_policy_delta", "keep_sampling_mask",
               "keep_routing", "tis_cap"):
         algo[k] = getattr(cfg.algo, k)
@@ -69,23 +94,13 @@ def resolve_algorithm(cfg: Config) -> SimpleNamespace:
         algo["tis_cap"] = 2.0   # another engine, or stale (async) rollouts: correct the sampler/trainer mismatch
     algo["max_len"] = cfg.algo.max_len or cfg.max_new_tokens
     algo["overlong_buffer"] = overlong_buffer_tokens(algo["overlong_buffer"], cfg.max_new_tokens)
-    if algo["advantage"] == "gae" and algo["critic"] is None:
-        raise ConfigError("config: the 'gae' advantage needs a critic; set ppo.critic to 'separate' or 'shared'.")
-    if cfg.group_size == 1 and algo["advantage"] in ("group_norm", "group_mean", "batch_norm", "leave_one_out"):
-        raise ConfigError(f"config key 'group_size' is 1, but the advantage '{algo['advantage']}' (algorithm "
-                          f"'{cfg.algorithm}') compares the samples of a group: every advantage would be 0 and "
-                          "nothing would train. Set group_size >= 2 or another algo.advantage.")
-    if cfg.lora_r and cfg.iterative.ref_reset_steps and cfg.beta > 0 and algo["kl_placement"] != "none":
-        raise ConfigError("config keys 'lora_r' and 'iterative.ref_reset_steps' cannot be combined: with LoRA the "
-                          "reference is the base model with the adapter switched off, which a reset cannot move. "
-                          "Train without LoRA (lora_r=0) or set iterative.ref_reset_steps=0.")
-    return SimpleNamespace(**algo)
+    return Algorithm(**algo)
 
 
 @dataclass
 class Run:
     cfg: Config
-    algo: SimpleNamespace
+    algo: Algorithm
     device: torch.device
     tokenizer: object
     policy: torch.nn.Module
@@ -124,9 +139,6 @@ class Run:
 def reward_sources(cfg: Config):
     from ..rewards.combine import resolve_reward_funcs
 
-    if cfg.iterative.rm_retrain and (not cfg.reward_model or not cfg.reward_funcs):
-        raise ConfigError("config key 'iterative.rm_retrain' needs a reward_model to retrain and at least one reward "
-                          "function (a verifier) in reward_funcs to label the new preference pairs.")
     sources = resolve_reward_funcs(list(cfg.reward_funcs))
     if cfg.reward_model:
         from ..rewards.reward_model import RewardModelScorer
@@ -139,8 +151,6 @@ def reward_sources(cfg: Config):
         from ..rewards.remote import RemoteReward
 
         sources.append(("reward_url", RemoteReward(cfg.reward_url)))
-    if not sources:
-        raise ConfigError("config: no reward source; set reward_funcs, reward_model or reward_url.")
     weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(sources)
 
     return sources, [float(w) for w in weights]
@@ -151,14 +161,12 @@ def _lr_lambda(warmup: int):
 
 
 def setup(cfg: Config, resume: bool = False) -> Run:
+    validate(cfg)                                                   # the config alone, before anything is loaded
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     world = D.init(cfg)                                             # torchrun: join the process group
-    if cfg.distributed.max_staleness and cfg.distributed.backend != "ray":
-        raise ConfigError("config key 'distributed.max_staleness' needs distributed.backend=ray (asynchronous "
-                          "rollouts come from Ray rollout workers).")
     device = resolve_device(cfg.device)
     algo = resolve_algorithm(cfg)
     rows = load_rows(cfg.dataset, required=("prompt",))            # bad data and reward specs fail before
