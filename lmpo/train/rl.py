@@ -450,8 +450,9 @@ def ptx_loss(run: Run, share: float) -> torch.Tensor:
 def clip_and_step(run: Run) -> float:
     params = [p for g in run.optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm or float("inf"))
-    run.optimizer.step()
-    run.scheduler.step()
+    if run.step >= run.cfg.ppo.critic_warmup_steps:     # PPO critic warm-up: the policy waits
+        run.optimizer.step()
+        run.scheduler.step()
     if run.critic_optimizer is not None:
         torch.nn.utils.clip_grad_norm_(run.critic.parameters(), run.cfg.max_grad_norm or float("inf"))
         run.critic_optimizer.step()
