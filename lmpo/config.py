@@ -154,6 +154,7 @@ class Config:
     eval_samples: int = opt(200, "held-out rows used by evaluation")
     log_samples: int = opt(2, "sample completions written to samples.jsonl per step")
     tensorboard: bool = opt(False, "also log metrics to TensorBoard in output_dir/tb")
+    report_to: list = opt([], "experiment trackers that also get every step's metrics, each local by default: tensorboard, wandb (offline, output_dir/wandb), mlflow (file store output_dir/mlruns), trackio (its local database); each is an extra: pip install 'lmpo[wandb]'")
     progress: bool = opt(True, "show a progress bar with the live reward")
     dtype: str = opt("float32", "training and rollout precision (bf16 uses autocast)", ["float32", "bfloat16"])
     device: str = opt("auto", "cpu, cuda, or auto")
@@ -348,6 +349,16 @@ def validate(cfg):
             positive(key, getattr(cfg, key))
         for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r"):
             positive(key, getattr(cfg, key), strict=False)
+        for name in cfg.report_to:
+            from .train.logging import EXTRA, TRACKERS
+
+            if name not in TRACKERS:
+                raise ConfigError(f"config key 'report_to' has {name!r}; allowed: {', '.join(TRACKERS)}.")
+            import importlib.util
+
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"config key 'report_to' names {name!r}, which is not installed: "
+                                  f"pip install 'lmpo[{EXTRA[name]}]'.")
         if not 0 < cfg.top_p <= 1:
             raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
         for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):

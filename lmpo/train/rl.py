@@ -48,7 +48,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
-                        desc=cfg.algorithm) if run.world.main else D.NullLog()
+                        desc=cfg.algorithm, report_to=cfg.report_to, config=to_dict(cfg)) if run.world.main else D.NullLog()
     metrics: dict = {}
     t_start = time.perf_counter()
     try:
@@ -57,7 +57,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             batch, roll_stats = collect(run, t)                     # rollout + reward
             with t("logprob"):
-                prep_stats = prepare(run, batch)                    # old/ref log-probs, values, advantages
+                prep_stats = prepare(run, batch, t)                 # old/ref log-probs, values, advantages
             upd_stats = update(run, batch, t)                       # μ epochs × minibatches
             run.step += 1
             with t("weights_sync"):
@@ -79,7 +79,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         log.close()
         run.close()
     save_final(run)
-    if run.eval_rows:
+    if run.eval_rows and "eval/greedy_accuracy" not in metrics:     # not when the last step just evaluated
         metrics.update(evaluate_policy(run))
     if run.world.main:
         write_summary(run, metrics, time.perf_counter() - t_start)
@@ -248,21 +248,26 @@ def merge_sums(a: dict, b: dict) -> dict:
 
 
 @torch.no_grad()
-def prepare(run: Run, batch: RolloutBatch) -> dict:
-    """Fill old/ref log-probs, values, per-token rewards, advantages and masks."""
+def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
+    """Fill old/ref log-probs, values, per-token rewards, advantages and masks. ``t`` times the
+    forwards inside (``time/prepare/old_logp_s``, ``ref_s``, ``values_s``: parts of ``time/logprob_s``)."""
     cfg, algo = run.cfg, run.algo
+    t = t or Timer()
     batch.mask = batch.mask * batch.valid[:, None]                           # invalid samples: no gradient
     rewards = torch.where(batch.valid, batch.rewards, group_fill(batch.rewards, batch.valid, cfg.group_size))
-    if old_logp_mode(run) == "recompute":
-        batch.old_logp = logp_of(run, run.policy, batch)
-    elif old_logp_mode(run) == "sampler":
-        batch.old_logp = batch.sampler_logp
-    if run.use_ref:
-        batch.ref_logp = ref_logp_of(run, batch)
-    if algo.critic == "separate":
-        batch.values = values_of(run, batch)
-    elif algo.critic == "shared":
-        _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
+    with t("prepare/old_logp"):
+        if old_logp_mode(run) == "recompute":
+            batch.old_logp = logp_of(run, run.policy, batch)
+        elif old_logp_mode(run) == "sampler":
+            batch.old_logp = batch.sampler_logp
+    with t("prepare/ref"):
+        if run.use_ref:
+            batch.ref_logp = ref_logp_of(run, batch)
+    with t("prepare/values"):
+        if algo.critic == "separate":
+            batch.values = values_of(run, batch)
+        elif algo.critic == "shared":
+            _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
     stats = {}
     if algo.kl_placement == "reward" and batch.ref_logp is not None:
         behaviour = batch.old_logp if batch.old_logp is not None else batch.sampler_logp
@@ -299,9 +304,14 @@ def old_logp_mode(run: Run) -> str:
     mode = run.cfg.old_logp
     if mode != "auto":
         return mode
-    single = run.cfg.epochs == 1 and run.cfg.minibatches == 1
+    cfg = run.cfg
+    single = cfg.epochs == 1 and cfg.minibatches == 1
     needs_before_update = run.algo.kl_placement == "reward" and run.use_ref
-    return "current" if single and not needs_before_update else "recompute"
+    # KL in the reward needs log π_old before the update; the built-in sampler recorded exactly that
+    # (same weights, full distribution, float32), so that forward's result is known: no recompute
+    sampler_is_old = (cfg.rollout.engine == "builtin" and cfg.distributed.backend == "torch" and cfg.top_p == 1
+                      and cfg.top_k == 0 and cfg.dtype == "float32")
+    return "current" if single and (not needs_before_update or sampler_is_old) else "recompute"
 
 
 def logp_of(run: Run, model, batch: RolloutBatch) -> torch.Tensor:
@@ -464,7 +474,7 @@ def clip_and_step(run: Run) -> float:
 
 def step_times(t: Timer, total: float) -> dict:
     out = {f"time/{k}_s": v for k, v in t.items()}
-    out["time/other_s"] = max(0.0, total - sum(t.values()))
+    out["time/other_s"] = max(0.0, total - sum(v for k, v in t.items() if "/" not in k))   # "a/b": a part of a
     out["time/step_s"] = total
     return out
 
