@@ -2,6 +2,7 @@
 
     python bench/demo_sweep.py --sft runs/demo/sft --out runs/sweep      # every job
     python bench/demo_sweep.py --sft runs/demo/sft --jobs grpo_lr2e-4,ppo_g1 --scale 0.1
+    python bench/demo_sweep.py --table bench/results/demo_sweep_round1.jsonl     # the markdown table
 
 Each job is ``lmpo train model=SFT ...`` in its own single-threaded process (``threads=1``), with
 held-out greedy and sampled accuracy (the 200 held-out addition problems) every ``eval_steps``.
@@ -121,7 +122,31 @@ def run_job(name: str, model, overrides: list[str], out: Path, scale: float, eva
     return res
 
 
+def markdown(paths: list[str]) -> str:
+    """One row per job: its start, what differs from BASE, held-out greedy / sampled along the run."""
+    lines = ["| job | start | settings (besides 16 prompts × 8, lr 1e-4, β 0) | samples/step | s/step | "
+             "greedy / sampled at steps |", "|---|---|---|---|---|---|"]
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            if "sft" in r:
+                continue
+            start = JOBS[r["job"]][0] if r["job"] in JOBS else "?"
+            kv = dict(o.split("=", 1) for o in r["overrides"])
+            base = dict(o.split("=", 1) for o in BASE)
+            diff = ", ".join(f"{k}={v}" for k, v in kv.items() if base.get(k) != v and k != "max_steps")
+            n = int(kv["prompts_per_step"]) * int(kv["group_size"])
+            pts = [c for c in r.get("curve", []) if c[0] % 200 == 0 or c is r["curve"][-1]]
+            curve = "; ".join(f"{s}: {g:.2f} / {sm:.2f}" for s, g, sm in pts)
+            lines.append(f"| {r['job']} | {start} | {diff} | {n} | {r.get('s_per_step', 0):.3f} | {curve} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--table":
+        print(markdown(argv[1:]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft", required=True, help="the demo's SFT start (runs/demo/sft)")
     ap.add_argument("--out", default="runs/sweep")
