@@ -140,3 +140,23 @@ def test_report_to_names_unknown_and_missing_trackers(tmp_path):
         pytest.skip("every tracker is installed")
     with pytest.raises(ConfigError, match=rf"pip install 'lmpo\[{missing[0]}\]'"):
         load_config(None, [f"report_to=[{missing[0]}]"])
+
+
+@pytest.mark.parametrize("epochs, forwards", [(1, 1), (2, 3)])
+def test_ppo_critic_forward_runs_once_with_one_update(sft_dir, tmp_path, monkeypatch, epochs, forwards):
+    """One update per rollout: the critic's values before the update are the loss's values, so the
+    critic runs once per step (kept with its graph); with 2 epochs it runs before and in each epoch.
+    The critic still learns through the kept graph: its scalar head, zero at the start, has moved."""
+    import lmpo.models.value as value
+
+    calls = []
+    real = value.token_values
+    monkeypatch.setattr(value, "token_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = rl_config(sft_dir, tmp_path / "c", algorithm="ppo", max_steps=3, beta=0.02, epochs=epochs,
+                    learning_rate=1e-3)
+    train(cfg)
+    assert len(calls) == 3 * forwards
+    from lmpo.models.value import load_value_model, scalar_head
+
+    critic = load_value_model(str(tmp_path / "c" / "checkpoint" / "critic"), from_reward_model=True)
+    assert scalar_head(critic).weight.abs().sum() > 0

@@ -264,7 +264,11 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
         if run.use_ref:
             batch.ref_logp = ref_logp_of(run, batch)
     with t("prepare/values"):
-        if algo.critic == "separate":
+        if algo.critic == "separate" and one_critic_forward(run, batch):
+            with torch.enable_grad():                      # the update's critic forward, done once, here
+                batch.values_live = values_of(run, batch)
+            batch.values = batch.values_live.detach()
+        elif algo.critic == "separate":
             batch.values = values_of(run, batch)
         elif algo.critic == "shared":
             _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
@@ -312,6 +316,14 @@ def old_logp_mode(run: Run) -> str:
     sampler_is_old = (cfg.rollout.engine == "builtin" and cfg.distributed.backend == "torch" and cfg.top_p == 1
                       and cfg.top_k == 0 and cfg.dtype == "float32")
     return "current" if single and (not needs_before_update or sampler_is_old) else "recompute"
+
+
+def one_critic_forward(run: Run, batch: RolloutBatch) -> bool:
+    """One optimizer step per rollout on one micro-batch: the critic's values before the update are
+    the values the loss needs, so its forward runs once (kept with its graph) instead of twice."""
+    cfg = run.cfg
+    return (cfg.epochs == 1 and cfg.minibatches == 1 and run.world.size == 1
+            and (cfg.micro_batch_size is None or cfg.micro_batch_size >= len(batch)))
 
 
 def logp_of(run: Run, model, batch: RolloutBatch) -> torch.Tensor:
@@ -427,7 +439,9 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
             "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
         })
     if algo.critic is not None:
-        if algo.critic == "separate":
+        if mb.values_live is not None:
+            values = mb.values_live                        # computed in prepare with its graph
+        elif algo.critic == "separate":
             from ..models.value import token_values
 
             ids, attn, pos = sequence_inputs(mb)
