@@ -132,12 +132,25 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
 
 
 def table(s: dict) -> str:
-    rows = [("SFT (start)", s["sft_accuracy"], s["sft_sampled_accuracy"]),
-            ("GRPO", s["grpo_accuracy"], s["grpo_sampled_accuracy"]),
-            ("PPO", s["ppo_accuracy"], s["ppo_sampled_accuracy"])]
-    lines = ["", "held-out exact match (200 addition problems never trained on)", "",
-             "| policy | greedy | sampled (T=1) |", "|---|---|---|"]
-    lines += [f"| {n} | {g:.3f} | {sm:.3f} |" for n, g, sm in rows]
+    """The held-out table, each row with the budget it used, then the comparison's tables."""
+    from .compare import budget_rows
+
+    def run_budget(r):
+        e = r["evals"][-1] if r.get("evals") else {"step": r["steps"], "samples": r["steps"] * r["samples_per_step"]}
+        return f"{e['step']} steps × {r['samples_per_step']} samples = {e['samples']:,} samples, {r['train_s']:.0f} s"
+
+    rows = [("SFT (start)", f"{s.get('sft_steps', '?')} steps × 256 pairs", s["sft_accuracy"], s["sft_sampled_accuracy"])]
+    by_name = {r["algorithm"]: r for r in s.get("compare", [])}
+    for name, key in (("GRPO", "grpo"), ("PPO", "ppo")):
+        budget = run_budget(by_name[key]) if key in by_name else ""
+        rows.append((name, budget, s[f"{key}_accuracy"], s[f"{key}_sampled_accuracy"]))
+    for b in budget_rows(s.get("compare", [])):
+        if b["budget"] != "its own run" and "step" in b:
+            rows.append((f"{b['algorithm'].upper()} at {b['budget'].split(' (')[0]}",
+                         f"{b['step']} steps = {b['samples']:,} samples, {b['train_s']:.0f} s", b["greedy"], b["sampled"]))
+    lines = ["", "held-out exact match (200 addition problems never trained on); s = training seconds", "",
+             "| policy | budget | greedy | sampled (T=1) |", "|---|---|---|---|"]
+    lines += [f"| {n} | {b} | {g:.3f} | {sm:.3f} |" for n, b, g, sm in rows]
     if s.get("rm_pairwise_accuracy") is not None:
         lines.append(f"\nreward model held-out pairwise accuracy: {s['rm_pairwise_accuracy']:.3f}")
     lines.append("\n" + s["compare_table"])

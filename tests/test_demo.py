@@ -160,3 +160,24 @@ def test_ppo_critic_forward_runs_once_with_one_update(sft_dir, tmp_path, monkeyp
 
     critic = load_value_model(str(tmp_path / "c" / "checkpoint" / "critic"), from_reward_model=True)
     assert scalar_head(critic).weight.abs().sum() > 0
+
+
+def test_compare_cli_with_per_algorithm_keys(sft_dir, tmp_path):
+    """`lmpo compare` with ALGO:key=value for one run only: both runs share the rest, the report has
+    the equal-budget table and the plot; a bad per-run key is exit 2 naming it."""
+    import yaml
+    from conftest import rl_overrides, run_lmpo as lmpo
+
+    out = tmp_path / "cmp"
+    shared = [o for o in rl_overrides(sft_dir, out / "x", max_steps=2, eval_steps=1, beta=0.0)
+              if not o.startswith("output_dir=")]
+    res = lmpo(["compare", *shared, "ppo:group_size=1", "ppo:prompts_per_step=8", "--output-dir", str(out)], cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-2000:]
+    grpo, ppo = (yaml.safe_load((out / f"{n}.yaml").read_text()) for n in ("grpo", "ppo"))
+    assert (grpo["group_size"], grpo["prompts_per_step"]) == (4, 4)
+    assert (ppo["group_size"], ppo["prompts_per_step"], ppo["max_steps"]) == (1, 8, 2)
+    md = (out / "compare.md").read_text()
+    assert "equal samples" in md and "| ppo | its own run | 2 | 16 |" in md
+    assert (out / "compare.png").stat().st_size > 0
+    bad = lmpo(["compare", *shared, "ppo:group_sise=1", "--output-dir", str(tmp_path / "bad")], cwd=tmp_path)
+    assert bad.returncode == 2 and "group_sise" in bad.stderr and "Traceback" not in bad.stderr
