@@ -79,7 +79,7 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
     from .compare import compare_runs, markdown_table, write_report
     from .config import Config, SFTConfig
     from .data import addition_heldout
-    from .models.load import load_causal_lm, load_tokenizer
+    from .models.load import load_causal_lm, load_tokenizer, quiet_transformers
     from .rewards import addition_exact
     from .train.evaluate import evaluate
     from .train.reward_model import RMConfig, train_reward_model
@@ -87,6 +87,7 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
+    quiet_transformers()                    # transformers' own "Writing model shards" bars: not a stage
     stage = Stages()
 
     def acc(model_dir):

@@ -42,6 +42,7 @@ def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkey
     for stage in ("sft", "rm", "grpo", "ppo", "compare"):
         assert f"== {stage}: " in said, f"no elapsed time for the {stage} stage"
     assert "Warning" not in err and "deprecated" not in err, err[-2000:]
+    assert "Writing model shards" not in err and "Loading weights" not in err
     assert (out / "compare.png").stat().st_size > 0
     assert "equal samples" in summary["compare_table"]
 
