@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned to the CPU build that lies on this disk; pyproject keeps a wide range for GPU users
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,tensorboard,lora,ray]'
+	$(BIN)/pip install -q -e '.[test,tensorboard,lora,ray,wandb]'
 	touch $(STAMP)
 
 install: $(STAMP)

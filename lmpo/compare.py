@@ -3,17 +3,22 @@
 Each algorithm runs in its own process (so peak RSS is its own) with identical settings except the
 preset; the table reports what was measured: peak process RSS, bytes of parameters + gradients +
 optimizer state per model, median seconds per step, samples per second, the reward curve and
-held-out accuracy. ``compare.png`` plots the reward curves and the memory.
+held-out accuracy, each run in full and cut to equal samples and to equal training time.
+``compare.png`` plots reward and held-out accuracy against samples and against training seconds,
+with each run's memory and time per step.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -28,70 +33,120 @@ def _deep_update(d: dict, u: dict) -> dict:
 
 
 def compare_runs(base: Config, algorithms: list[str], out_dir, steps: dict | None = None,
-                 overrides: dict | None = None) -> list[dict]:
-    """Run each algorithm as ``python -m lmpo train`` in its own process; return one row each."""
+                 overrides: dict | None = None, progress: bool = True, report: bool = True) -> list[dict]:
+    """Run each algorithm as ``python -m lmpo train`` in its own process (its progress bar with the
+    live reward shows); return one row each. Each run's directory is made anew."""
     out = Path(out_dir)
     rows = []
     for name in algorithms:
-        cfg = _deep_update(to_dict(base), {"algorithm": name, "output_dir": str(out / name), "progress": False})
+        cfg = _deep_update(to_dict(base), {"algorithm": name, "output_dir": str(out / name), "progress": progress})
         if steps and name in steps:
             cfg["max_steps"] = steps[name]
         if overrides and name in overrides:
             _deep_update(cfg, overrides[name])
+        shutil.rmtree(out / name, ignore_errors=True)              # a rerun starts this run's files anew
         path = out / f"{name}.yaml"
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        print(f"-- {name}: {cfg['max_steps']} steps", flush=True)
+        print(f"-- {name}: {cfg['max_steps']} steps × {cfg['prompts_per_step']} prompts × {cfg['group_size']} samples"
+              f" (config {path})", flush=True)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                              os.environ.get("PYTHONPATH", "")])}
+        t0 = time.time()
         proc = subprocess.run([sys.executable, "-m", "lmpo", "train", str(path)], env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"lmpo compare: the {name} run failed (exit {proc.returncode}); see its output above.")
+        print(f"-- {name}: done in {time.time() - t0:.0f} s", flush=True)
         rows.append(summarize(name, Path(cfg["output_dir"])))
-    plot(rows, out / "compare.png")
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
-    (out / "compare.md").write_text(markdown_table(rows) + "\n")
+    if report:
+        write_report(rows, out)
     return rows
 
 
+def write_report(rows: list[dict], out: Path):
+    """compare.json, compare.md (the tables) and compare.png (the curves) in ``out``."""
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    (out / "compare.md").write_text(markdown_table(rows) + "\n")
+    plot(rows, out / "compare.png")
+
+
 def summarize(name: str, run_dir: Path) -> dict:
+    """One run's row: memory, time per step, and its curves against samples and training seconds
+    (the sum of ``time/step_s``: evaluation and start-up excluded)."""
     from .train.logging import read_metrics
 
     metrics = read_metrics(run_dir)
     res = json.loads((run_dir / "summary.json").read_text())
+    per_step = res["samples_per_step"]
     steps = [m["time/step_s"] for m in metrics][1:] or [m["time/step_s"] for m in metrics]
     rewards = [m.get("reward/mean") for m in metrics]
     k = max(1, min(20, len(rewards) // 2))
     mean = lambda xs: sum(x for x in xs if x is not None) / max(1, sum(x is not None for x in xs))  # noqa: E731
     step_s = statistics.median(steps)
+    clock = list(itertools.accumulate(m["time/step_s"] for m in metrics))
+    evals = [{"step": m["step"], "samples": m["step"] * per_step, "train_s": t,
+              "greedy": m["eval/greedy_accuracy"], "sampled": m["eval/sampled_accuracy"]}
+             for m, t in zip(metrics, clock) if "eval/greedy_accuracy" in m]
     return {
-        "algorithm": name, "steps": len(metrics),
+        "algorithm": name, "steps": len(metrics), "samples_per_step": per_step,
         "peak_rss_mib": res["peak_rss_mib"],
         "model_state_mib": res["model_state_mib"],
         "s_per_step": step_s,
-        "samples_per_s": res["samples_per_step"] / step_s,
+        "samples_per_s": per_step / step_s,
         "reward_first": mean(rewards[:k]), "reward_last": mean(rewards[-k:]),
-        "reward_curve": rewards,
+        "reward_curve": rewards, "clock_s": clock, "evals": evals,
         "greedy_accuracy": res.get("eval/greedy_accuracy"), "sampled_accuracy": res.get("eval/sampled_accuracy"),
-        "wall_s": res["wall_s"],
+        "train_s": clock[-1] if clock else 0.0, "wall_s": res["wall_s"],
     }
+
+
+def at_budget(row: dict, samples: float | None = None, seconds: float | None = None) -> dict | None:
+    """The run's last held-out evaluation within a budget of samples or training seconds."""
+    ok = [e for e in row["evals"] if (samples is None or e["samples"] <= samples + 1e-9)
+          and (seconds is None or e["train_s"] <= seconds * 1.001)]
+    return ok[-1] if ok else None
+
+
+def budget_rows(rows: list[dict]) -> list[dict]:
+    """Each run in full, then each run cut to the other runs' smallest budget in samples and in
+    training seconds (read off its evaluation curve), so runs are compared at equal samples and at
+    equal wall-clock time."""
+    out = [{"algorithm": r["algorithm"], "budget": "its own run", **(r["evals"][-1] if r["evals"] else {})}
+           for r in rows]
+    if len(rows) < 2:
+        return out
+    for key, label, unit in (("samples", "equal samples", ""), ("train_s", "equal training time", " s")):
+        limit = min(r["evals"][-1][key] for r in rows if r["evals"])
+        for r in rows:
+            e = at_budget(r, **{("samples" if key == "samples" else "seconds"): limit})
+            if e is not None and e is not r["evals"][-1]:
+                out.append({"algorithm": r["algorithm"], "budget": f"{label} ({limit:.0f}{unit})", **e})
+    return out
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| algorithm | peak RSS MiB | params+grads+optim MiB | s/step (median) | samples/s | "
-            "reward first→last | held-out greedy | held-out sampled | wall s |")
+            "reward first→last | held-out greedy | held-out sampled | train s | wall s |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         state = ", ".join(f"{k} {v:.1f}" for k, v in r["model_state_mib"].items())
         lines.append(f"| {r['algorithm']} | {r['peak_rss_mib']:.0f} | {state} | {r['s_per_step']:.3f} | "
                      f"{r['samples_per_s']:.0f} | {r['reward_first']:.3f} → {r['reward_last']:.3f} | "
-                     f"{_f(r['greedy_accuracy'])} | {_f(r['sampled_accuracy'])} | {r['wall_s']:.0f} |")
+                     f"{_f(r['greedy_accuracy'])} | {_f(r['sampled_accuracy'])} | {r.get('train_s', 0):.0f} | "
+                     f"{r['wall_s']:.0f} |")
     if len(rows) >= 2:
         a, b = rows[0], rows[1]
         ratio_mem = b["peak_rss_mib"] / a["peak_rss_mib"]
         sa, sb = sum(a["model_state_mib"].values()), sum(b["model_state_mib"].values())
         lines.append(f"\n{b['algorithm']} / {a['algorithm']}: peak RSS ×{ratio_mem:.2f}, model state ×{sb / sa:.2f}, "
                      f"time per step ×{b['s_per_step'] / a['s_per_step']:.2f}")
+    if any(r.get("evals") for r in rows):
+        lines += ["", "| algorithm | budget | steps | samples | train s | held-out greedy | held-out sampled |",
+                  "|---|---|---|---|---|---|---|"]
+        for b in budget_rows(rows):
+            if "step" in b:
+                lines.append(f"| {b['algorithm']} | {b['budget']} | {b['step']} | {b['samples']} | {b['train_s']:.0f} | "
+                             f"{b['greedy']:.3f} | {b['sampled']:.3f} |")
     return "\n".join(lines)
 
 
@@ -100,26 +155,48 @@ def _f(x):
 
 
 def plot(rows: list[dict], path: Path):
+    """Reward (moving average) and held-out accuracy against samples and against training seconds,
+    and each run's memory and time per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rows:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for i, r in enumerate(rows):
+        c = f"C{i}"
         curve = [x if x is not None else float("nan") for x in r["reward_curve"]]
-        k = 5
-        smooth = [sum(curve[max(0, i - k + 1):i + 1]) / len(curve[max(0, i - k + 1):i + 1]) for i in range(len(curve))]
-        ax1.plot(range(1, len(curve) + 1), smooth, label=r["algorithm"])
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("mean reward (5-step moving average)")
-    ax1.set_title("reward")
-    ax1.legend()
+        k = 20
+        smooth = [sum(curve[max(0, j - k + 1):j + 1]) / len(curve[max(0, j - k + 1):j + 1]) for j in range(len(curve))]
+        n = r["samples_per_step"]
+        for ax, xs, ex in ((axes[0], [(j + 1) * n for j in range(len(curve))], "samples"),
+                           (axes[1], r["clock_s"], "train_s")):
+            ax.plot(xs, smooth, color=c, alpha=0.5, label=f"{r['algorithm']} reward ({k}-step mean)")
+            if r["evals"]:
+                ax.plot([e[ex] for e in r["evals"]], [e["greedy"] for e in r["evals"]], "o-", color=c,
+                        label=f"{r['algorithm']} held-out greedy")
+                ax.plot([e[ex] for e in r["evals"]], [e["sampled"] for e in r["evals"]], "s--", color=c,
+                        label=f"{r['algorithm']} held-out sampled")
+    axes[0].set_xlabel("samples")
+    axes[1].set_xlabel("training seconds (evaluation excluded)")
+    for ax, title in ((axes[0], "at equal samples"), (axes[1], "at equal wall-clock time")):
+        ax.set_ylabel("reward / accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
     names = [r["algorithm"] for r in rows]
-    ax2.bar([n + "\nRSS" for n in names], [r["peak_rss_mib"] for r in rows], color="tab:gray")
-    ax2.bar([n + "\nstate" for n in names], [sum(r["model_state_mib"].values()) for r in rows], color="tab:blue")
-    ax2.set_ylabel("MiB")
-    ax2.set_title("peak process RSS and params+grads+optimizer state")
+    x = range(len(rows))
+    ax = axes[2]
+    ax.bar([i - 0.2 for i in x], [r["peak_rss_mib"] for r in rows], 0.4, color="tab:gray", label="peak RSS MiB")
+    ax.bar([i + 0.2 for i in x], [sum(r["model_state_mib"].values()) for r in rows], 0.4, color="tab:blue",
+           label="params+grads+optim MiB")
+    for i, r in enumerate(rows):
+        ax.text(i, r["peak_rss_mib"], f"{r['s_per_step'] * 1000:.0f} ms/step", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("MiB")
+    ax.set_title("memory (label: median time per step)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -129,21 +206,29 @@ def main(argv) -> int:
     ap = argparse.ArgumentParser(prog="lmpo compare", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", help="a train config YAML shared by every run")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides shared by every run")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides shared by every run; ALGO:key=value for one "
+                                                 "run only (ppo:group_size=1)")
     ap.add_argument("--algorithms", default="grpo,ppo", help="comma-separated presets (default grpo,ppo)")
     ap.add_argument("--output-dir", default="runs/compare")
     args = ap.parse_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:
         config, overrides = None, [config] + overrides
-    base = load_config(config, overrides)
-    names = [a for a in args.algorithms.split(",") if a]
     from .algorithms import PRESETS
+    from .config import parse_overrides
 
+    names = [a for a in args.algorithms.split(",") if a]
     for n in names:
         if n not in PRESETS:
             raise ConfigError(f"--algorithms: unknown preset '{n}'; allowed: {', '.join(PRESETS)}.")
-    rows = compare_runs(base, names, args.output_dir)
+    own = {n: [o.split(":", 1)[1] for o in overrides if o.split(":", 1)[0] == n] for n in names}
+    shared = [o for o in overrides if o.split(":", 1)[0] not in PRESETS or "=" in o.split(":", 1)[0]]
+    base = load_config(config, shared)
+    if not base.eval_steps:                     # held-out curves for the plot: ten points per run
+        base.eval_steps = max(1, base.max_steps // 10)
+    for n in names:                             # each run's own keys, checked before anything runs
+        load_config(config, shared + own[n])
+    rows = compare_runs(base, names, args.output_dir, overrides={n: parse_overrides(own[n]) for n in names})
     print(markdown_table(rows))
     print(f"\nwrote {args.output_dir}/compare.md, compare.json, compare.png")
     return 0

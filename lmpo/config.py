@@ -75,6 +75,7 @@ class PPOConfig:
     critic: str | None = opt(None, "value model: a separate copy with a scalar head, or a head on the policy's backbone", _preset_choices("critic", none=False))
     critic_init: str = opt("policy", "initialize a separate critic from 'policy' or from a reward model directory")
     critic_learning_rate: float | None = opt(None, "critic learning rate (default: learning_rate x 5)")
+    critic_warmup_steps: int = opt(0, "value-only steps before the policy moves: the critic fits the SFT policy's returns first")
     vf_coef: float = opt(0.5, "value loss coefficient")
     value_clip: float | None = opt(0.2, "value clipping range around the old values (None = unclipped)")
     kl_target: float | None = opt(None, "adaptive KL controller target (None = fixed beta)")
@@ -178,6 +179,7 @@ class Config:
     learning_rate: float = opt(1e-5, "policy learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(0, "linear learning-rate warmup steps")
+    lr_schedule: str = opt("constant", "after warmup: constant, or cosine decay to 0 at max_steps (lets a noisy policy gradient settle)", ["constant", "cosine"])
     beta: float = opt(0.04, "KL coefficient (0: no reference model is loaded)")
     epochs: int = opt(1, "mu: update epochs over each rollout batch")
     minibatches: int = opt(1, "optimizer steps per epoch (the batch is split into this many minibatches)")
@@ -198,6 +200,7 @@ class Config:
     eval_samples: int = opt(200, "held-out rows used by evaluation")
     log_samples: int = opt(2, "sample completions written to samples.jsonl per step")
     tensorboard: bool = opt(False, "also log metrics to TensorBoard in output_dir/tb")
+    report_to: list = opt([], "experiment trackers that also get every step's metrics, each local by default: tensorboard, wandb (offline, output_dir/wandb), mlflow (file store output_dir/mlruns), trackio (its local database); each is an extra: pip install 'lmpo[wandb]'")
     progress: bool = opt(True, "show a progress bar with the live reward")
     dtype: str = opt("float32", "training and rollout precision (bf16 uses autocast)", ["float32", "bfloat16"])
     device: str = opt("auto", "cpu, cuda, or auto")
@@ -429,6 +432,16 @@ def validate(cfg):
         for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r",
                     "reward_fail_steps"):
             positive(key, getattr(cfg, key), strict=False)
+        for name in cfg.report_to:
+            from .train.logging import EXTRA, TRACKERS
+
+            if name not in TRACKERS:
+                raise ConfigError(f"config key 'report_to' has {name!r}; allowed: {', '.join(TRACKERS)}.")
+            import importlib.util
+
+            if importlib.util.find_spec(name) is None:
+                raise ConfigError(f"config key 'report_to' names {name!r}, which is not installed: "
+                                  f"pip install 'lmpo[{EXTRA[name]}]'.")
         if not 0 < cfg.top_p <= 1:
             raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
         for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):

@@ -1,24 +1,35 @@
 """``lmpo demo`` (``make demo``): the whole pipeline on the embedded task, end to end, offline.
 
 tiny model ─► SFT warm start ─► reward model on preference pairs ─► GRPO and PPO from the same SFT
-start ─► held-out greedy and sampled accuracy before and after ─► runs/demo/summary.json + table.
+start ─► held-out greedy and sampled accuracy before and after, PPO and GRPO compared at equal
+samples and at equal training time ─► runs/demo/summary.json, compare.png + tables.
+
+Every stage shows a progress bar with its live metric and ends with its elapsed time; every stage's
+directory is made anew, so the demo can be run again and again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 # The SFT warm start stops once greedy accuracy on validation rows (drawn from the training pool,
-# never the held-out set) reaches 0.4: an imperfect start that leaves room for RL.
-FULL = dict(sft_steps=450, sft_stop=0.4, grpo_steps=1200, ppo_steps=200, rm_steps=200)
-QUICK = dict(sft_steps=60, sft_stop=None, grpo_steps=10, ppo_steps=10, rm_steps=20)
+# never the held-out set) reaches 0.6: an imperfect start that leaves room for RL.
+# GRPO: 32 prompts x 4 samples, lr 2e-4 decayed to 0 (cosine), beta = 0. PPO: 128 prompts x 1
+# sample (a critic needs no group), the same lr schedule, k1 KL (beta = 0.02) in the reward, a
+# critic initialized from the SFT policy, one epoch, one minibatch. See docs/ppo_vs_grpo.md.
+FULL = dict(sft_steps=450, sft_stop=0.6, rm_steps=200, grpo_steps=1000, ppo_steps=300, eval_steps=100)
+QUICK = dict(sft_steps=60, sft_stop=None, rm_steps=20, grpo_steps=10, ppo_steps=10, eval_steps=5)
+GRPO = dict(group_size=4, prompts_per_step=32)
+PPO = dict(group_size=1, prompts_per_step=128, beta=0.02, ppo={"critic_init": "policy"})
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="lmpo demo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="lmpo demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few steps of each stage (a smoke test, no accuracy claim)")
     ap.add_argument("--output-dir", default="runs/demo")
     ap.add_argument("--threads", type=int, default=None)
@@ -26,33 +37,59 @@ def main(argv=None) -> int:
     budget = QUICK if args.quick else FULL
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in ("summary.json", "compare.json", "compare.md", "compare.png"):
+        (out / stale).unlink(missing_ok=True)
     t0 = time.time()
     summary = run_demo(out, budget, args.threads)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(summary))
-    print(f"\nwrote {out / 'summary.json'}")
+    print(f"\nwrote {out / 'summary.json'}, {out / 'compare.png'}")
     return 0
+
+
+class Stages:
+    """Prints each stage's title, then its elapsed time when the next one starts."""
+
+    def __init__(self):
+        self.seconds: dict = {}
+        self._name, self._t0 = None, 0.0
+
+    def __call__(self, name: str, title: str):
+        self.end()
+        print(f"\n== {title}", flush=True)
+        self._name, self._t0 = name, time.time()
+
+    def end(self):
+        if self._name is not None:
+            self.seconds[self._name] = round(time.time() - self._t0, 1)
+            print(f"== {self._name}: {self.seconds[self._name]:.0f} s", flush=True)
+            self._name = None
+
+
+def fresh(path: Path) -> Path:
+    """A stage's directory, made anew (a rerun never mixes with the last run's files)."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def run_demo(out: Path, budget: dict, threads) -> dict:
     import torch
 
-    from .compare import compare_runs, markdown_table
+    from .compare import compare_runs, markdown_table, write_report
     from .config import Config, SFTConfig
     from .data import addition_heldout
-    from .models.load import load_causal_lm, load_tokenizer
+    from .models.load import load_causal_lm, load_tokenizer, quiet_transformers
     from .rewards import addition_exact
     from .train.evaluate import evaluate
+    from .train.monitors import monitor_line
+    from .train.reward_model import RMConfig, train_reward_model
     from .train.sft import train_sft
 
     if threads:
         torch.set_num_threads(threads)
-    stages = {}
-
-    def stage(name):
-        print(f"\n== {name}", flush=True)
-        stages[name] = time.time()
+    quiet_transformers()                    # transformers' own "Writing model shards" bars: not a stage
+    stage = Stages()
 
     def acc(model_dir):
         model, tok = load_causal_lm(model_dir), load_tokenizer(model_dir)
@@ -61,59 +98,66 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
         s = evaluate(model, tok, rows, addition_exact, max_new_tokens=6, temperature=1.0)["accuracy"]
         return g, s
 
-    stage("sft: tiny Llama, warm start on addition")
-    sft_dir = out / "sft"
-    train_sft(SFTConfig(output_dir=str(sft_dir), max_steps=budget["sft_steps"], batch_size=256, learning_rate=3e-3,
-                        warmup_steps=30, threads=threads, eval_steps=25 if budget["sft_stop"] else 0,
-                        stop_at_accuracy=budget["sft_stop"]))
+    stage("sft", "SFT: tiny Llama, warm start on addition (bar: loss, validation accuracy)")
+    sft_dir = fresh(out / "sft")
+    sft = train_sft(SFTConfig(output_dir=str(sft_dir), max_steps=budget["sft_steps"], batch_size=256,
+                              learning_rate=3e-3, warmup_steps=30, threads=threads,
+                              eval_steps=25 if budget["sft_stop"] else 0, stop_at_accuracy=budget["sft_stop"]))
     sft_g, sft_s = acc(sft_dir)
-    print(f"sft held-out accuracy: greedy {sft_g:.3f}, sampled {sft_s:.3f}")
+    print(f"sft: {sft['steps']} steps × 256 pairs; held-out accuracy greedy {sft_g:.3f}, sampled {sft_s:.3f}")
 
-    stage("reward model: Bradley-Terry on correct vs wrong answers")
-    from .train.reward_model import RMConfig, train_reward_model
+    stage("rm", "reward model: Bradley-Terry on correct vs wrong answers (bar: loss)")
+    rm = train_reward_model(RMConfig(model=str(sft_dir), output_dir=str(fresh(out / "rm")),
+                                     max_steps=budget["rm_steps"], progress=True))
+    print(f"rm: held-out pairwise accuracy {rm.get('eval/accuracy', float('nan')):.3f}")
 
-    rm = train_reward_model(RMConfig(model=str(sft_dir), output_dir=str(out / "rm"), max_steps=budget["rm_steps"],
-                                     progress=True))
-
-    stage("GRPO and PPO from the same SFT start")
+    runs = {}
     base = Config(model=str(sft_dir), reward_funcs=["addition_exact"], max_new_tokens=6, beta=0.0,
-                  group_size=8, prompts_per_step=16, learning_rate=1e-4, threads=threads, save_steps=10_000)
-    # PPO: the InstructGPT recipe (k1 KL in the reward, a critic initialized from the reward model,
-    # 2 epochs x 2 minibatches); fewer steps than GRPO to keep the demo within 10 minutes.
-    runs = compare_runs(base, ["grpo", "ppo"], out, steps={"grpo": budget["grpo_steps"], "ppo": budget["ppo_steps"]},
-                        overrides={"ppo": {"beta": 0.02, "epochs": 2, "minibatches": 2,
-                                           "ppo": {"critic_init": str(out / "rm")}}})
-    res = {name: acc(out / name / "final") for name in ("grpo", "ppo")}
-    from .train.monitors import monitor_line
-
-    for name in ("grpo", "ppo"):
+                  learning_rate=2e-4, lr_schedule="cosine", threads=threads, save_steps=100_000,
+                  eval_steps=budget["eval_steps"])
+    for name, steps, extra in (("grpo", budget["grpo_steps"], GRPO), ("ppo", budget["ppo_steps"], PPO)):
+        stage(name, f"{name.upper()} from the SFT start (bar: live reward)")
+        runs[name] = compare_runs(base, [name], out, steps={name: steps}, overrides={name: extra}, report=False)[0]
+    stage("compare", "PPO vs GRPO at equal samples and equal training time")
+    rows = [runs["grpo"], runs["ppo"]]
+    write_report(rows, out)
+    stage.end()
+    for name in ("grpo", "ppo"):                 # the monitors' state, one line per RL stage
         print(f"{name}: {monitor_line(out / name)}")
-    return {
-        "sft_accuracy": sft_g, "sft_sampled_accuracy": sft_s,
-        "grpo_accuracy": res["grpo"][0], "grpo_sampled_accuracy": res["grpo"][1],
-        "ppo_accuracy": res["ppo"][0], "ppo_sampled_accuracy": res["ppo"][1],
+    return {   # the runs' final evaluation is acc()'s: the same 200 rows, greedy and T = 1 with seed 0
+        "sft_accuracy": sft_g, "sft_sampled_accuracy": sft_s, "sft_steps": sft["steps"],
+        "grpo_accuracy": runs["grpo"]["greedy_accuracy"], "grpo_sampled_accuracy": runs["grpo"]["sampled_accuracy"],
+        "ppo_accuracy": runs["ppo"]["greedy_accuracy"], "ppo_sampled_accuracy": runs["ppo"]["sampled_accuracy"],
         "rm_pairwise_accuracy": rm.get("eval/accuracy"),
-        "compare": runs,
-        "compare_table": markdown_table(runs),
-        "stage_seconds": {k: round(v, 1) for k, v in _durations(stages).items()},
+        "compare": rows,
+        "compare_table": markdown_table(rows),
+        "stage_seconds": stage.seconds,
     }
 
 
-def _durations(stages: dict) -> dict:
-    names = list(stages)
-    ends = [stages[n] for n in names[1:]] + [time.time()]
-    return {n: e - stages[n] for n, e in zip(names, ends)}
-
-
 def table(s: dict) -> str:
-    rows = [("SFT (start)", s["sft_accuracy"], s["sft_sampled_accuracy"]),
-            ("GRPO", s["grpo_accuracy"], s["grpo_sampled_accuracy"]),
-            ("PPO", s["ppo_accuracy"], s["ppo_sampled_accuracy"])]
-    lines = ["", "held-out exact match (200 addition problems never trained on)", "",
-             "| policy | greedy | sampled (T=1) |", "|---|---|---|"]
-    lines += [f"| {n} | {g:.3f} | {sm:.3f} |" for n, g, sm in rows]
+    """The held-out table, each row with the budget it used, then the comparison's tables."""
+    from .compare import budget_rows
+
+    def run_budget(r):
+        e = r["evals"][-1] if r.get("evals") else {"step": r["steps"], "samples": r["steps"] * r["samples_per_step"]}
+        return f"{e['step']} steps × {r['samples_per_step']} samples = {e['samples']:,} samples, {r['train_s']:.0f} s"
+
+    rows = [("SFT (start)", f"{s.get('sft_steps', '?')} steps × 256 pairs", s["sft_accuracy"], s["sft_sampled_accuracy"])]
+    by_name = {r["algorithm"]: r for r in s.get("compare", [])}
+    for name, key in (("GRPO", "grpo"), ("PPO", "ppo")):
+        budget = run_budget(by_name[key]) if key in by_name else ""
+        rows.append((name, budget, s[f"{key}_accuracy"], s[f"{key}_sampled_accuracy"]))
+    for b in budget_rows(s.get("compare", [])):
+        if b["budget"] != "its own run" and "step" in b:
+            rows.append((f"{b['algorithm'].upper()} at {b['budget'].split(' (')[0]}",
+                         f"{b['step']} steps = {b['samples']:,} samples, {b['train_s']:.0f} s", b["greedy"], b["sampled"]))
+    lines = ["", "held-out exact match (200 addition problems never trained on); s = training seconds", "",
+             "| policy | budget | greedy | sampled (T=1) |", "|---|---|---|---|"]
+    lines += [f"| {n} | {b} | {g:.3f} | {sm:.3f} |" for n, b, g, sm in rows]
     if s.get("rm_pairwise_accuracy") is not None:
         lines.append(f"\nreward model held-out pairwise accuracy: {s['rm_pairwise_accuracy']:.3f}")
     lines.append("\n" + s["compare_table"])
-    lines.append(f"\ntotal {s.get('seconds', 0):.0f} s")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in s.get("stage_seconds", {}).items())
+    lines.append(f"\ntotal {s.get('seconds', 0):.0f} s ({stages})")
     return "\n".join(lines)

@@ -22,6 +22,21 @@ def quiet_transformers():
     transformers.utils.logging.disable_progress_bar()
 
 
+def cache_kw(model, cache) -> dict:
+    """The keyword that passes a KV cache to ``model``'s forward: ``cache`` since transformers 5.24
+    (which deprecates ``past_key_values``), ``past_key_values`` before."""
+    import inspect
+
+    inner = getattr(model, "module", model)                                 # DDP
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # peft
+    return {"cache": cache} if "cache" in inspect.signature(inner.forward).parameters else {"past_key_values": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward returned (``out.cache`` since transformers 5.24, ``past_key_values`` before)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -41,6 +41,7 @@ class RolloutBatch:
     old_logp: torch.Tensor | None = None    # [N, T]
     ref_logp: torch.Tensor | None = None    # [N, T]
     values: torch.Tensor | None = None      # [N, T]
+    values_live: torch.Tensor | None = None  # [N, T] the same values with the critic's graph (one update per rollout)
     token_rewards: torch.Tensor | None = None  # [N, T]
     adv: torch.Tensor | None = None         # [N, T]
     returns: torch.Tensor | None = None     # [N, T]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.load import cache_kw, output_cache
 from .batch import RolloutBatch, encode_prompts
 
 
@@ -74,7 +75,7 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
     G = group_size
     pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)                              # [B, P]
     out = _forward(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if G > 1:
         cache.batch_repeat_interleave(G)                                                 # one prefill per group
         if routing is not None:
@@ -117,7 +118,7 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
             alive, tok, attn, next_pos = alive[stay], tok[stay], attn[stay], next_pos[stay]
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         out = _forward(model, input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True)
+                       **cache_kw(model, cache), use_cache=True)
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     width = int(finished_at.max())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..algorithms import sampling_support_logp
+from ..models.load import cache_kw, output_cache
 
 
 def sequence_inputs(batch):
@@ -73,10 +74,10 @@ def _shared_prompt_forward(model, batch, T: int, seg: torch.Tensor, hidden: bool
     logits = out.logits[:, -1:][seg]                                            # [N, 1, V]
     h = out.hidden_states[-1][:, -1:][seg] if hidden else None
     if T > 1:
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_select_indices(seg)
         out2 = model(input_ids=ids[:, P:P + T - 1], attention_mask=attn[:, :P + T - 1], position_ids=pos[:, P:P + T - 1],
-                     past_key_values=cache, use_cache=True, output_hidden_states=hidden)
+                     **cache_kw(model, cache), use_cache=True, output_hidden_states=hidden)
         logits = torch.cat([logits, out2.logits], 1)                            # [N, T, V]
         if hidden:
             h = torch.cat([h, out2.hidden_states[-1]], 1)

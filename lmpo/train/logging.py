@@ -1,16 +1,21 @@
 """Metrics to ``metrics.jsonl`` (one object per step), sample completions to ``samples.jsonl``,
-optionally TensorBoard, and a progress bar with the live reward."""
+optionally TensorBoard and the trackers named in ``report_to`` (each in its offline or local mode
+unless its own environment variables say otherwise), and a progress bar with the live reward."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
 class MetricsLogger:
     def __init__(self, output_dir, tensorboard: bool = False, progress: bool = True, total: int = 0, initial: int = 0,
-                 desc: str = "rl"):
+                 desc: str = "rl", report_to=(), config: dict | None = None):
         from tqdm.auto import tqdm
 
         self.dir = Path(output_dir)
@@ -21,6 +26,11 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # pragma: no cover - depends on the install
                 raise ImportError("tensorboard=true needs the tensorboard package: pip install 'lmpo[tensorboard]'") from e
+            self.tb = SummaryWriter(str(self.dir / "tb"))
+        self.trackers = [open_tracker(name, self.dir, config or {}) for name in report_to if name != "tensorboard"]
+        if "tensorboard" in report_to and self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(self.dir / "tb"))
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not progress, dynamic_ncols=True)
 
@@ -36,14 +46,65 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+        if self.trackers:
+            scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+                       and not isinstance(v, bool) and math.isfinite(v)}
+            for t in self.trackers:
+                t.log(scalars, step)
         self.bar.update(1)
         self.bar.set_postfix({k: _fmt(row.get(key)) for k, key in (("reward", "reward/mean"), ("kl", "kl"))},
                              refresh=False)
 
     def close(self):
         self.bar.close()
+        for t in self.trackers:
+            t.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class _Tracker:
+    def __init__(self, log, close):
+        self.log, self.close = log, close
+
+
+def open_tracker(name: str, output_dir: Path, config: dict) -> _Tracker:
+    """A tracker's run, local by default: wandb in offline mode under ``output_dir/wandb`` (unless
+    WANDB_MODE is set), MLflow to the file store ``output_dir/mlruns`` (unless MLFLOW_TRACKING_URI is
+    set), trackio in its local database (TRACKIO_DIR to move it). Project / experiment: ``lmpo``
+    (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, TRACKIO_PROJECT to change); run name: the output directory's."""
+    run_name = Path(output_dir).resolve().name
+    if name == "wandb":
+        import wandb
+
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmpo"), name=run_name, config=config,
+                         dir=str(output_dir), mode=os.environ.get("WANDB_MODE", "offline"))
+        return _Tracker(lambda m, step: run.log(m, step=step), run.finish)
+    if name == "mlflow":
+        import mlflow
+
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or (Path(output_dir).resolve() / "mlruns").as_uri())
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "lmpo"))
+        run = mlflow.start_run(run_name=run_name)
+        mlflow.log_params({k: str(v)[:500] for k, v in _flat(config).items()})
+        return _Tracker(lambda m, step: mlflow.log_metrics(m, step=step, run_id=run.info.run_id),
+                        lambda: mlflow.end_run())
+    if name == "trackio":
+        import trackio
+
+        trackio.init(project=os.environ.get("TRACKIO_PROJECT", "lmpo"), name=run_name, config=config)
+        return _Tracker(lambda m, step: trackio.log(m, step=step), trackio.finish)
+    raise ValueError(f"unknown tracker '{name}'; allowed: {', '.join(TRACKERS)}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _fmt(v) -> str:

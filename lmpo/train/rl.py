@@ -54,7 +54,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
-                        desc=cfg.algorithm) if run.world.main else D.NullLog()
+                        desc=cfg.algorithm, report_to=cfg.report_to, config=to_dict(cfg)) if run.world.main else D.NullLog()
     metrics: dict = {}
     monitor = Monitors.for_run(run)                                 # collapse, drift and reward-hacking alarms
     t_start = time.perf_counter()
@@ -64,7 +64,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
             t0 = time.perf_counter()
             batch, roll_stats = collect(run, t)                     # rollout + reward
             with t("logprob"):
-                prep_stats = prepare(run, batch)                    # old/ref log-probs, values, advantages
+                prep_stats = prepare(run, batch, t)                 # old/ref log-probs, values, advantages
             upd_stats = update(run, batch, t)                       # μ epochs × minibatches
             run.step += 1
             with t("weights_sync"):
@@ -90,7 +90,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
         run.close()
     check_finite_weights(run)
     save_final(run)
-    if run.eval_rows:
+    if run.eval_rows and "eval/greedy_accuracy" not in metrics:     # not when the last step just evaluated
         metrics.update(evaluate_policy(run))
     if run.world.main:
         write_summary(run, metrics, time.perf_counter() - t_start)
@@ -299,21 +299,30 @@ def _finite(v):
 
 
 @torch.no_grad()
-def prepare(run: Run, batch: RolloutBatch) -> dict:
-    """Fill old/ref log-probs, values, per-token rewards, advantages and masks."""
+def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
+    """Fill old/ref log-probs, values, per-token rewards, advantages and masks. ``t`` times the
+    forwards inside (``time/prepare/old_logp_s``, ``ref_s``, ``values_s``: parts of ``time/logprob_s``)."""
     cfg, algo = run.cfg, run.algo
+    t = t or Timer()
     batch.mask = batch.mask * batch.valid[:, None]                           # invalid samples: no gradient
     rewards = torch.where(batch.valid, batch.rewards, torch.full_like(batch.rewards, float("nan")))  # NaN: in no statistic
-    if old_logp_mode(run) == "recompute":
-        batch.old_logp = logp_of(run, run.policy, batch)
-    elif old_logp_mode(run) == "sampler":
-        batch.old_logp = batch.sampler_logp
-    if run.use_ref:
-        batch.ref_logp = ref_logp_of(run, batch)
-    if algo.critic == "separate":
-        batch.values = values_of(run, batch)
-    elif algo.critic == "shared":
-        _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
+    with t("prepare/old_logp"):
+        if old_logp_mode(run) == "recompute":
+            batch.old_logp = logp_of(run, run.policy, batch)
+        elif old_logp_mode(run) == "sampler":
+            batch.old_logp = batch.sampler_logp
+    with t("prepare/ref"):
+        if run.use_ref:
+            batch.ref_logp = ref_logp_of(run, batch)
+    with t("prepare/values"):
+        if algo.critic == "separate" and one_critic_forward(run, batch):
+            with torch.enable_grad():                      # the update's critic forward, done once, here
+                batch.values_live = values_of(run, batch)
+            batch.values = batch.values_live.detach()
+        elif algo.critic == "separate":
+            batch.values = values_of(run, batch)
+        elif algo.critic == "shared":
+            _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
     stats = {}
     if batch.turn_rewards is not None and algo.advantage in ("gae", "reinforce_pp"):   # turn rewards where earned
         w = sum(wt for (name, _), wt in zip(run.reward_sources, run.reward_weights) if name == "env_reward")
@@ -348,9 +357,22 @@ def old_logp_mode(run: Run) -> str:
     mode = run.cfg.old_logp
     if mode != "auto":
         return mode
-    single = run.cfg.epochs == 1 and run.cfg.minibatches == 1
+    cfg = run.cfg
+    single = cfg.epochs == 1 and cfg.minibatches == 1
     needs_before_update = run.algo.kl_placement == "reward" and run.use_ref
-    return "current" if single and not needs_before_update else "recompute"
+    # KL in the reward needs log π_old before the update; the built-in sampler recorded exactly that
+    # (same weights, full distribution, float32), so that forward's result is known: no recompute
+    sampler_is_old = (cfg.rollout.engine == "builtin" and cfg.distributed.backend == "torch" and cfg.top_p == 1
+                      and cfg.top_k == 0 and cfg.dtype == "float32")
+    return "current" if single and (not needs_before_update or sampler_is_old) else "recompute"
+
+
+def one_critic_forward(run: Run, batch: RolloutBatch) -> bool:
+    """One optimizer step per rollout on one micro-batch: the critic's values before the update are
+    the values the loss needs, so its forward runs once (kept with its graph) instead of twice."""
+    cfg = run.cfg
+    return (cfg.epochs == 1 and cfg.minibatches == 1 and run.world.size == 1
+            and (cfg.micro_batch_size is None or cfg.micro_batch_size >= len(batch)))
 
 
 def logp_of(run: Run, model, batch: RolloutBatch) -> torch.Tensor:
@@ -474,7 +496,9 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
             "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
         })
     if algo.critic is not None:
-        if algo.critic == "separate":
+        if mb.values_live is not None:
+            values = mb.values_live                        # computed in prepare with its graph
+        elif algo.critic == "separate":
             from ..models.value import token_values
 
             ids, attn, pos = sequence_inputs(mb)
@@ -519,8 +543,9 @@ def clip_and_step(run: Run, loss_finite: bool = True) -> tuple[float, bool]:
         if run.critic_optimizer is not None:
             run.critic_optimizer.zero_grad(set_to_none=True)
         return norm, False
-    run.optimizer.step()
-    run.scheduler.step()
+    if run.step >= run.cfg.ppo.critic_warmup_steps:     # PPO critic warm-up: the policy waits
+        run.optimizer.step()
+        run.scheduler.step()
     if run.critic_optimizer is not None:
         run.critic_optimizer.step()
     return norm, True
@@ -564,7 +589,7 @@ def check_finite_weights(run: Run):
 
 def step_times(t: Timer, total: float) -> dict:
     out = {f"time/{k}_s": v for k, v in t.items()}
-    out["time/other_s"] = max(0.0, total - sum(t.values()))
+    out["time/other_s"] = max(0.0, total - sum(v for k, v in t.items() if "/" not in k))   # "a/b": a part of a
     out["time/step_s"] = total
     return out
 

@@ -5,6 +5,7 @@ The loop (``rl.py``) reads top to bottom; construction, resumption and checkpoin
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +157,15 @@ def reward_sources(cfg: Config):
     return sources, [float(w) for w in weights]
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+def _lr_lambda(warmup: int, schedule: str = "constant", total: int = 0):
+    """Linear warmup, then constant or cosine: lr_t = lr · ½(1 + cos(π·(t − warmup)/(total − warmup)))."""
+    def f(step):
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        return 1.0
+    return f
 
 
 def setup(cfg: Config, resume: bool = False) -> Run:
@@ -222,7 +230,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         value_head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)
         params += list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
     ctx = context_length(policy)
     max_prompt_len = cfg.max_prompt_len or (ctx - cfg.max_new_tokens if ctx else None)
     if max_prompt_len is not None:
