@@ -249,3 +249,13 @@ def test_one_grpo_step_on_the_real_135m_model_from_gguf(tmp_path):
     assert m["completion/mean_length"] >= 1 and 0.0 <= m["reward/mean"] <= 1.0
     cfg = AutoConfig.from_pretrained(tmp_path / "run" / "final")
     assert getattr(cfg, "quantization_config", None) is None and cfg.num_hidden_layers == 30 and cfg.vocab_size == 49152
+
+
+def test_fetch_model_finds_the_packaged_gguf_and_rejects_unknown_names(tmp_path):
+    from lmpo.models.load import ModelError, load_causal_lm, packaged_gguf
+
+    assert str(packaged_gguf("smollm2", install=False)) == GGUF
+    r = run_lmpo(["fetch-model", "llama-70b"], tmp_path)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "smollm2" in r.stderr
+    with pytest.raises(ModelError, match="missing.gguf"):
+        load_causal_lm(tmp_path / "missing.gguf")

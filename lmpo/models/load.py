@@ -31,9 +31,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMPO_CACHE", Path.home() / ".cache" / "lmpo"))
 
 
+def resolve_model(path):
+    """A packaged model's name (``smollm2``, see ``PACKAGED_MODELS``) -> its HF directory, built once by
+    ``fetch_model``; anything else (a directory, a ``.gguf`` file, a hub id) unchanged."""
+    if path is not None and str(path) in PACKAGED_MODELS and not Path(str(path)).exists():
+        return str(fetch_model(str(path)))
+    return path
+
+
 def _gguf_args(path) -> tuple[str, dict]:
     """(directory, extra from_pretrained kwargs): a ``.gguf`` file is read by transformers' GGUF
-    loader (the ``gguf`` package) from its directory with ``gguf_file=``."""
+    loader (the ``gguf`` package) from its directory with ``gguf_file=``; a packaged model's name is
+    its fetched directory."""
+    path = resolve_model(path)
     p = Path(str(path))
     if p.suffix == ".gguf":
         if not p.is_file():
@@ -67,6 +77,7 @@ def load_causal_lm(path, device=None, dtype: str = "float32", trainable: bool = 
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    path = resolve_model(path)
     if not Path(str(path)).exists() and not _looks_like_hub_id(path):
         raise ModelError(f"model '{path}' does not exist: give a local HF model directory "
                          "(config.json + weights), a .gguf file, or leave 'model' unset for the embedded tiny model.")
