@@ -3,6 +3,13 @@
     python bench/vs_trl.py                       # prepare SFT starts (cached), run both sizes, print tables
     python bench/vs_trl.py --sizes small --steps 60
     python bench/vs_trl.py prepare               # only build / SFT the starting checkpoints
+    python bench/vs_trl.py --sizes smollm2 --warmup 2      # SmolLM2-135M-Instruct (lmpo fetch-model smollm2)
+    python bench/vs_trl.py --sizes smollm2-random,qwen05b-random --dtype bfloat16   # on a GPU: random weights
+
+The real-model sizes use the chat math task (``examples/smollm2_math``, reward ``math_answer``) and no
+held-out evaluation; ``*-random`` sizes take SmolLM2's tokenizer and config (from ``--base``, default the
+``lmpo fetch-model smollm2`` directory) with random weights, so every completion runs to the token limit and
+both tools do exactly the same work.
 
 Both tools start from the same SFT checkpoint, with the same prompts per step, group size, max new
 tokens, learning rate (constant), beta = 0, clip 0.2, per-sequence token-mean loss, group-normalized
@@ -37,6 +44,16 @@ SIZES = {
                   sft=dict(learning_rate=1e-3, max_steps=2000, eval_steps=20),   # stop close to SFT_STOP
                   prompts=16, group=16, new_tokens=32, lr=3e-5, steps=100, eval_every=10),
 }
+# real-model sizes: ``base`` is the SmolLM2 directory (--base); ``random`` re-initializes the weights
+# (seed 0) with ``arch`` overriding its config; no SFT start, no held-out evaluation
+QWEN2_05B = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                 intermediate_size=4864, max_position_embeddings=4096, rope_theta=1e6, tie_word_embeddings=True)
+SIZES.update({
+    "smollm2": dict(base=True, prompts=2, group=4, new_tokens=64, lr=1e-6, steps=8, eval_every=0),
+    "smollm2-random": dict(base=True, random=True, prompts=16, group=8, new_tokens=128, lr=1e-6, steps=5, eval_every=0),
+    "qwen05b-random": dict(base=True, random=True, arch=QWEN2_05B, prompts=16, group=8, new_tokens=128, lr=1e-6,
+                           steps=5, eval_every=0),
+})
 SFT_STOP = 0.55   # SFT until greedy validation accuracy reaches this: RL then has room to reach 0.6 sampled
 TARGET = 0.6
 
@@ -44,8 +61,53 @@ TARGET = 0.6
 # ----------------------------------------------------------------------------- SFT starts
 
 
-def sft_start(size: str, models: Path, threads: int) -> Path:
+def chat_math_file(root: Path) -> Path:
+    """The chat math training rows (``examples/smollm2_math``) as a jsonl both tools read."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("smollm2_math", ROOT / "examples" / "smollm2_math" / "make_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = root / "chat_math_train.jsonl"
+    root.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in mod.rows()[0]))
+    return out
+
+
+def real_start(size: str, models: Path, base: str) -> Path:
+    """A real-size model directory: the SmolLM2 directory itself, or its tokenizer with random weights
+    (seed 0) in its architecture or ``arch``'s (built once under ``models``)."""
+    spec = SIZES[size]
+    if not base:
+        from lmpo.models.load import fetch_model
+
+        base = str(fetch_model("smollm2", install=False))
+    if not spec.get("random"):
+        return Path(base)
+    out = models / size
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(base)
+    if spec.get("arch"):
+        arch = dict(spec["arch"])
+        cfg = AutoConfig.for_model(arch.pop("model_type"), vocab_size=cfg.vocab_size, bos_token_id=cfg.bos_token_id,
+                                   eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, **arch)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def sft_start(size: str, models: Path, threads: int, base: str = "") -> Path:
     """The SFT checkpoint both tools start from (built once, cached under ``models``)."""
+    if SIZES[size].get("base"):
+        return real_start(size, models, base)
     out = models / f"{size}-sft"
     if (out / "config.json").exists():
         return out
@@ -97,6 +159,8 @@ def lmpo_cmd(size: str, model: Path, out: Path, a) -> list[str]:
               max_new_tokens=s["new_tokens"], learning_rate=s["lr"], beta=0, max_steps=a.steps or s["steps"],
               seed=a.seed, threads=a.threads, eval_steps=a.eval_every or s["eval_every"], progress="false",
               save_steps=10**6, log_samples=0, dtype=a.dtype)
+    if s.get("base"):
+        kv.update(dataset=a.chat_math, reward_funcs="[math_answer]")
     return [sys.executable, "-m", "lmpo", "train", *[f"{k}={v}" for k, v in kv.items()], *a.set]
 
 
@@ -104,7 +168,8 @@ def trl_cmd(size: str, model: Path, out: Path, a) -> list[str]:
     s = SIZES[size]
     spec = dict(model=str(model), out=str(out), prompts=s["prompts"], group=s["group"], new_tokens=s["new_tokens"],
                 lr=s["lr"], steps=a.steps or s["steps"], seed=a.seed, threads=a.threads,
-                eval_every=a.eval_every or s["eval_every"])
+                eval_every=a.eval_every or s["eval_every"], dtype=a.dtype,
+                dataset=str(a.chat_math) if s.get("base") else None)
     return [sys.executable, str(Path(__file__).resolve()), "_trl", json.dumps(spec)]
 
 
@@ -119,17 +184,23 @@ def run_trl(spec: dict):
 
     from lmpo.data import addition_heldout, addition_rows
     from lmpo.models.load import load_tokenizer
-    from lmpo.rewards import addition_exact
+    from lmpo.rewards import addition_exact, math_answer
     from lmpo.train.evaluate import evaluate
 
     G, P, T, K = spec["group"], spec["prompts"], spec["new_tokens"], spec["eval_every"]
-    train = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in addition_rows(20000, seed=0)])
+    if spec.get("dataset"):     # the chat math task: TRL renders the chat prompts with the same template
+        reward = math_answer
+        train = Dataset.from_list([json.loads(line) for line in open(spec["dataset"])])
+    else:
+        reward = addition_exact
+        train = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in addition_rows(20000, seed=0)])
     heldout = addition_heldout(200)
+    cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(spec["model"])
     tok = AutoTokenizer.from_pretrained(spec["model"])
     eval_tok = load_tokenizer(spec["model"])
     args = GRPOConfig(
-        output_dir=spec["out"], use_cpu=True, bf16=False, fp16=False, report_to=[], logging_steps=1,
+        output_dir=spec["out"], use_cpu=not cuda, bf16=spec.get("dtype") == "bfloat16", fp16=False, report_to=[], logging_steps=1,
         save_strategy="no", disable_tqdm=True, gradient_checkpointing=False, dataloader_num_workers=0,
         num_generations=G, per_device_train_batch_size=P * G, gradient_accumulation_steps=1,  # one generation
         max_completion_length=T, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,  # batch of P x G
@@ -151,7 +222,7 @@ def run_trl(spec: dict):
 
         def on_step_end(self, args, state, control, model=None, **kw):
             row = {"step": state.global_step, "time/step_s": time.perf_counter() - self.t0, "time/rollout_s": self.gen}
-            if state.global_step % K == 0:
+            if K and state.global_step % K == 0:
                 row.update(held_out(model))
             self.rows.append(row)
 
@@ -160,10 +231,10 @@ def run_trl(spec: dict):
                 self.rows[-1]["reward/mean"] = logs["reward"]
 
         def on_train_end(self, args, state, control, model=None, **kw):
-            self.final = held_out(model)
+            self.final = held_out(model) if K else {}
 
     probe = Probe()
-    trainer = GRPOTrainer(model=model, reward_funcs=[addition_exact], args=args, train_dataset=train,
+    trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=train,
                           processing_class=tok, callbacks=[probe])
     generate = trainer._generate
 
@@ -193,7 +264,8 @@ def measure(out_json: str, cmd: list[str]):
 
 
 def run_measured(cmd: list[str], out: Path, threads: int, log: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     out.mkdir(parents=True, exist_ok=True)
     m = out / "measure.json"
@@ -219,6 +291,7 @@ def summarize(rows: list[dict], final: dict, meas: dict, warmup: int) -> dict:
     return {
         "s_per_step": statistics.median(steps[warmup:] or steps),
         "rollout_s_per_step": statistics.median([r.get("time/rollout_s", 0.0) for r in rows[warmup:] or rows]),
+        "rest_s_per_step": statistics.median([r["time/step_s"] - r.get("time/rollout_s", 0.0) for r in rows[warmup:] or rows]),
         "train_s": sum(steps),
         "wall_s": meas["wall_s"],
         "cpu_pct": 100 * meas["cpu_s"] / meas["wall_s"],
@@ -235,6 +308,7 @@ def summarize(rows: list[dict], final: dict, meas: dict, warmup: int) -> dict:
 
 ROWS = [("s_per_step", "median s / step (after warm-up)", "{:.4f}"),
         ("rollout_s_per_step", "  of which generation s", "{:.4f}"),
+        ("rest_s_per_step", "  the rest (reward, log-probs, update, optimizer) s", "{:.4f}"),
         ("train_s", "sum of step times s", "{:.1f}"),
         ("wall_s", "whole-process wall s (incl. start, evals)", "{:.1f}"),
         ("cpu_pct", "CPU % (user+sys / wall)", "{:.0f}"),
@@ -254,6 +328,8 @@ def table(size: str, title: str, lm: dict, tr: dict) -> str:
     lines = [f"### {size}: {title}", "", "| | lmpo | TRL | lmpo / TRL |", "|---|---:|---:|---:|"]
     for key, name, f in ROWS:
         a, b = lm.get(key), tr.get(key)
+        if a is None and b is None and key != "train_s_to_target":
+            continue
         ratio = f"{a / b:.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "–"
         lines.append(f"| {name} | {fmt(a, f)} | {fmt(b, f)} | {ratio} |")
     return "\n".join(lines)
@@ -263,12 +339,15 @@ def bench_size(size: str, a, root: Path) -> str:
     from lmpo.train.logging import read_metrics
 
     s = SIZES[size]
-    model = sft_start(size, Path(a.models or root / "models"), a.threads)
+    model = sft_start(size, Path(a.models or root / "models"), a.threads, a.base)
     steps = a.steps or s["steps"]
     title = (f"{n_params(model) / 1e6:.1f} M params, {s['prompts']} prompts x {s['group']} samples, "
              f"{s['new_tokens']} new tokens, lr {s['lr']}, beta 0, {steps} steps, threads {a.threads}, seed {a.seed}")
-    start = start_accuracy(model, size, a.seed)
-    title += f"; SFT start: held-out greedy {start['greedy']:.3f}, sampled {start['sampled']:.3f}"
+    if s.get("eval_every", 1):
+        start = start_accuracy(model, size, a.seed)
+        title += f"; SFT start: held-out greedy {start['greedy']:.3f}, sampled {start['sampled']:.3f}"
+    else:
+        title += f"; chat math task, {a.dtype}, device {a.device_name}"
     res = {}
     for tool in a.tools:
         out = root / f"{size}-{tool}{a.tag}"
@@ -312,13 +391,18 @@ def main(argv=None):
     p.add_argument("--tag", default="", help="suffix of the run directories and results file (for variants)")
     p.add_argument("--root", default=str(ROOT / "runs" / "bench_vs_trl"), help="run outputs")
     p.add_argument("--models", default="", help="SFT starts (default: ROOT/models)")
+    p.add_argument("--base", default="", help="SmolLM2 HF directory for the real-model sizes (default: lmpo fetch-model smollm2's)")
     a = p.parse_args(argv)
+    import torch
+
+    a.device_name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    a.chat_math = chat_math_file(Path(a.root))
     a.tools = a.tools.split(",")
     root = Path(a.root)
     sizes = a.sizes.split(",")
     if a.what == "prepare":
         for size in sizes:
-            print(size, sft_start(size, Path(a.models or root / "models"), a.threads))
+            print(size, sft_start(size, Path(a.models or root / "models"), a.threads, a.base))
         return
     tables = [bench_size(size, a, root) for size in sizes]
     print("\n\n".join(tables))

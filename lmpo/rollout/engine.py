@@ -56,21 +56,25 @@ class BuiltinEngine:
 
     name = "builtin"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device=None, unsharded=nullcontext):
+    def __init__(self, model: torch.nn.Module, tokenizer, device=None, unsharded=nullcontext, weights_dtype="float32"):
         self.model, self.tokenizer = model, tokenizer
         self.device = device or next(model.parameters()).device
         self.unsharded = unsharded      # fsdp: gather full weights around generation
         self.version = 0
+        self.copy = None                # rollout.dtype=bfloat16: a bf16 copy of the policy that generates
+        if weights_dtype == "bfloat16":
+            self.copy = _bf16_copy(model)
 
     def generate(self, prompts, rows, seeds, spec: SamplingSpec) -> RolloutBatch:
         from .sampler import rollout
 
         was_training = self.model.training
         self.model.eval()
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" else nullcontext()
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" and self.copy is None \
+            else nullcontext()
         try:
             with ctx, self.unsharded():
-                batch = rollout(self.model, self.tokenizer, prompts, rows, group_size=spec.group_size,
+                batch = rollout(self.model if self.copy is None else self.copy, self.tokenizer, prompts, rows, group_size=spec.group_size,
                                 max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
                                 top_k=spec.top_k, keep_support=spec.keep_support, max_prompt_len=spec.max_prompt_len,
                                 device=self.device, seeds=seeds, keep_routing=spec.keep_routing)
@@ -82,7 +86,24 @@ class BuiltinEngine:
     def update_weights(self, model, version: int) -> None:
         if model is not self.model:
             self.model.load_state_dict(model.state_dict() if isinstance(model, torch.nn.Module) else model)
+        if self.copy is not None:
+            with torch.no_grad():
+                for c, p in zip(self.copy.parameters(), self.model.parameters()):
+                    c.copy_(p)                                   # cast to bf16 in place
         self.version = version
+
+
+def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen bfloat16 copy of a plain (single-process, non-LoRA) HF model."""
+    import copy
+
+    from ..config import ConfigError
+
+    if hasattr(model, "peft_config") or isinstance(model, torch.nn.parallel.DistributedDataParallel) or any(
+            hasattr(p, "full_tensor") for p in model.parameters()):
+        raise ConfigError("config key 'rollout.dtype': a bfloat16 generation copy is made for a plain single-process "
+                          "model only (not with lora_r, DDP or FSDP); use dtype=bfloat16 (autocast) there.")
+    return copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
 
 
 def make_engine(run) -> RolloutEngine:
@@ -91,7 +112,8 @@ def make_engine(run) -> RolloutEngine:
 
     name = run.cfg.rollout.engine
     if name == "builtin":
-        return BuiltinEngine(run.policy, run.tokenizer, run.device, unsharded=lambda: D.unsharded(run))
+        return BuiltinEngine(run.policy, run.tokenizer, run.device, unsharded=lambda: D.unsharded(run),
+                             weights_dtype=run.cfg.rollout.dtype)
     if name == "vllm":
         from .vllm_engine import VLLMEngine
 

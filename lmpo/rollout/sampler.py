@@ -1,8 +1,9 @@
 """The built-in sampler: batched KV-cache generation for any HF causal LM.
 
 All groups are generated in one batch. A group shares its prompt, so the prompt is prefilled once
-and its cache expanded to the G samples; sequences that emit EOS leave the batch and stop costing
-compute. Each sampled token's log-prob under the sampling distribution is recorded.
+and its cache expanded to the G samples; sequences that emit a stop token (EOS, or the chat
+template's end-of-turn token) leave the batch and stop costing compute. Each sampled token's
+log-prob under the sampling distribution is recorded.
 """
 
 from __future__ import annotations
@@ -46,6 +47,37 @@ def group_uniforms(seeds: list[int], group_size: int, steps: int, device=None) -
     return torch.cat(out).clamp_(min=1e-12).to(device)
 
 
+def end_of_turn_id(tokenizer) -> int | None:
+    """The chat template's end-of-turn token: the special token the template writes right after an
+    assistant message's content (``<|im_end|>`` for ChatML templates, ``<|eot_id|>`` for Llama 3), or None
+    without a template or when what follows the content is not a single special token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "\u2063lmpo\u2063"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that rejects this conversation has no usable answer here
+        return None
+    if not isinstance(text, str) or mark not in text:
+        return None
+    after = text.split(mark, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    return ids[0] if ids and ids[0] in special else None
+
+
+def stop_token_ids(tokenizer, model=None) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS, the chat template's end-of-turn token and the
+    model's ``generation_config.eos_token_id`` (an int or a list), EOS first, without repeats."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    gen = getattr(model, "generation_config", None) if model is not None else None
+    extra = getattr(gen, "eos_token_id", None)
+    ids += list(extra) if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 def _forward(model, **kw):
     try:
         return model(**kw, logits_to_keep=1)
@@ -54,7 +86,7 @@ def _forward(model, **kw):
 
 
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens: int, eos_token_id: int,
+def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens: int, eos_token_id: int | list[int],
              pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              keep_support: bool = False, uniforms: torch.Tensor | None = None,
              generator: torch.Generator | None = None, routing=None):
@@ -65,13 +97,15 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
     ``truncated`` [N], and ``keep_mask`` [N, T, V] when ``keep_support``; N = B·G, T ≤ max_new_tokens.
     ``sampler_logp`` is the log-prob under the distribution actually sampled from: with top-p /
     top-k the truncated, renormalised one (so it is >= the full-vocabulary log-prob the trainer
-    computes unless ``keep_sampling_mask``). ``temperature == 0`` is greedy decoding (log-probs then
-    come from the untempered distribution).
+    computes unless ``keep_sampling_mask``). ``eos_token_id``: the stop token, or a list of them
+    (``stop_token_ids``); a row ends at the first one it samples. ``temperature == 0`` is greedy
+    decoding (log-probs then come from the untempered distribution).
     ``uniforms`` [N, max_new_tokens] drive the sampling (see ``sample_tokens``); by default they are
     drawn from ``generator``. ``routing``: a ``lmpo.models.moe.RoutingRecorder`` active around this
     call, told when rows are expanded (after the prefill) and when finished rows leave.
     """
     device = prompt_ids.device
+    stop = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
     G = group_size
     pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)                              # [B, P]
     out = _forward(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
@@ -104,7 +138,7 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
         logps[alive, t] = logp
         if keep is not None:
             keep[alive, t] = torch.isfinite(dist_logits)
-        done = tok == eos_token_id
+        done = torch.isin(tok, stop)
         finished_at[alive[done]] = t + 1
         if t == T - 1:
             break
@@ -123,7 +157,7 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
         next_pos = next_pos + 1
     width = int(finished_at.max())
     mask = (torch.arange(width, device=device)[None, :] < finished_at[:, None]).float()
-    truncated = tokens[torch.arange(N, device=device), finished_at - 1] != eos_token_id
+    truncated = ~torch.isin(tokens[torch.arange(N, device=device), finished_at - 1], stop)
     result = {
         "completion_ids": tokens[:, :width],
         "mask": mask,
@@ -152,12 +186,14 @@ def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_siz
     ids, pmask = ids.to(device), pmask.to(device)
     with RoutingRecorder(model) if record else nullcontext() as rec:
         out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
                        temperature=temperature, top_p=top_p, top_k=top_k, keep_support=keep_support,
                        uniforms=None if seeds is None else group_uniforms(seeds, group_size, max_new_tokens, device),
                        generator=generator, routing=rec)
     G = group_size
-    completions = tokenizer.batch_decode(out["completion_ids"].masked_fill(out["mask"] == 0, tokenizer.pad_token_id),
+    # each completion's own tokens only (pad may be a normal token, or the same id as EOS), special tokens dropped
+    lengths = out["mask"].sum(-1).long().tolist()
+    completions = tokenizer.batch_decode([row[:n] for row, n in zip(out["completion_ids"].tolist(), lengths)],
                                          skip_special_tokens=True)
     return RolloutBatch(
         prompt_ids=ids.repeat_interleave(G, 0), prompt_mask=pmask.repeat_interleave(G, 0),

@@ -186,6 +186,9 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         eval_rows = addition_heldout(cfg.eval_samples)
     ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
                          what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
+    from ..models.load import resolve_model
+
+    cfg.model = resolve_model(cfg.model)                            # a packaged name (smollm2): its HF directory
     if cfg.model and not Path(cfg.model).exists() and not _looks_like_hub_id(cfg.model):
         raise ModelError(f"model '{cfg.model}' does not exist: give a local HF model directory (config.json + "
                          "weights) or leave 'model' unset for the embedded tiny model.")
