@@ -227,7 +227,7 @@ def main(argv) -> int:
     if not base.eval_steps:                     # held-out curves for the plot: ten points per run
         base.eval_steps = max(1, base.max_steps // 10)
     for n in names:                             # each run's own keys, checked before anything runs
-        load_config(config, shared + own[n])
+        load_config(config, shared + [f"algorithm={n}"] + own[n])
     rows = compare_runs(base, names, args.output_dir, overrides={n: parse_overrides(own[n]) for n in names})
     print(markdown_table(rows))
     print(f"\nwrote {args.output_dir}/compare.md, compare.json, compare.png")
