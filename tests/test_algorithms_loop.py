@@ -133,7 +133,8 @@ def test_rloo_with_kl_in_the_reward_and_an_invalid_sample(estimator):
     beta = 0.05
     run = make_run(StandIn(theta), StandIn(ref), algorithm="rloo", beta=beta, group_size=4, prompts_per_step=2,
                    **{"algo.kl_estimator": estimator})
-    batch = make_batch(REWARDS, LENGTHS, T)
+    # on-policy, the built-in sampler recorded the current policy's log-probs: pi_old = theta
+    batch = make_batch(REWARDS, LENGTHS, T, sampler_logp=theta.detach().clone())
     rl.prepare(run, batch)
     th, rf = theta.detach().double().tolist(), ref.double().tolist()
     k = (lambda d: d) if estimator == "k1" else (lambda d: 0.5 * d * d)

@@ -363,7 +363,7 @@ def old_logp_mode(run: Run) -> str:
     # KL in the reward needs log π_old before the update; the built-in sampler recorded exactly that
     # (same weights, full distribution, float32), so that forward's result is known: no recompute
     sampler_is_old = (cfg.rollout.engine == "builtin" and cfg.distributed.backend == "torch" and cfg.top_p == 1
-                      and cfg.top_k == 0 and cfg.dtype == "float32")
+                      and cfg.top_k == 0 and cfg.dtype == "float32" and cfg.rollout.dtype == "float32")
     return "current" if single and (not needs_before_update or sampler_is_old) else "recompute"
 
 
