@@ -1,10 +1,15 @@
 """Metrics to ``metrics.jsonl`` (one object per step), sample completions to ``samples.jsonl``,
-optionally TensorBoard, and a progress bar with the live reward."""
+optionally TensorBoard, and a progress bar with the live reward.
+
+A run that starts at step ``initial`` (a resumed one) first cuts both files back to the rows of
+steps 1 … ``initial`` (rows written after the checkpoint it resumes from are dropped, and so is a
+torn last line), so every step appears exactly once."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -15,23 +20,22 @@ class MetricsLogger:
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(self.dir / name, initial)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # pragma: no cover - depends on the install
                 raise ImportError("tensorboard=true needs the tensorboard package: pip install 'lmpo[tensorboard]'") from e
-            self.tb = SummaryWriter(str(self.dir / "tb"))
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=initial + 1 if initial else None)
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not progress, dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict, samples: list[dict] = ()):
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        _append(self.dir / "metrics.jsonl", [row])
         if samples:
-            with open(self.dir / "samples.jsonl", "a") as f:
-                for s in samples:
-                    f.write(json.dumps({"step": step, **s}) + "\n")
+            _append(self.dir / "samples.jsonl", [{"step": step, **s} for s in samples])
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
@@ -44,6 +48,37 @@ class MetricsLogger:
         self.bar.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def _append(path: Path, rows: list[dict]):
+    """Append whole lines; an OSError (a full disk) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def truncate_jsonl(path: Path, last_step: int):
+    """Keep the rows of steps <= ``last_step`` (atomically: a temporary file renamed over it)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue                                     # a line torn by a kill mid-write
+        if row.get("step", 0) <= last_step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

@@ -22,8 +22,11 @@ from ..rollout import RolloutBatch
 from ..rollout.engine import SamplingSpec, make_engine
 from . import distributed as D
 from .forward import completion_logp, sequence_inputs
+from .checkpoint import no_space
 from .logging import MetricsLogger
-from .setup import Run, checkpoint, setup
+from .rundir import guard, no_space_error
+from .setup import Run, checkpoint, rewind, setup, step_mark
+from .stop import Interrupted, StopSignals
 
 
 class Timer(dict):
@@ -37,11 +40,23 @@ class Timer(dict):
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set)."""
-    if cfg.distributed.backend == "ray" and not D.in_ray_learner():
-        from .ray_backend import launch
+    """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set).
+    A full disk anywhere is an ``OutputError`` naming the file; the last checkpoint stays."""
+    try:
+        with guard(cfg, resume):                                    # output_dir checked and locked before any model loads
+            if cfg.distributed.backend == "ray" and not D.in_ray_learner():
+                from .ray_backend import launch
 
-        return launch(cfg, resume)                                  # the learner actor comes back here
+                return launch(cfg, resume)                          # the learner actor comes back here
+            with StopSignals() as stop:
+                return loop(cfg, resume, stop)
+    except BaseException as e:
+        if no_space(e):
+            raise no_space_error(cfg, e) from None
+        raise
+
+
+def loop(cfg: Config, resume: bool, stop: StopSignals) -> dict:
     run = setup(cfg, resume=resume)                                 # models, data, rollout engine and scorer
     out = Path(cfg.output_dir)
     if run.world.main:                                              # with several processes rank 0 writes
@@ -51,13 +66,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
                         desc=cfg.algorithm) if run.world.main else D.NullLog()
     metrics: dict = {}
     t_start = time.perf_counter()
+    mark = None
     try:
         while run.step < cfg.max_steps:
+            mark = step_mark(run)                                   # a failure before the update rewinds to here
             t = Timer()
             t0 = time.perf_counter()
             batch, roll_stats = collect(run, t)                     # rollout + reward
             with t("logprob"):
                 prep_stats = prepare(run, batch)                    # old/ref log-probs, values, advantages
+            mark = None                                             # the update changes the weights: no way back
             upd_stats = update(run, batch, t)                       # μ epochs × minibatches
             run.step += 1
             with t("weights_sync"):
@@ -69,11 +87,15 @@ def train(cfg: Config, resume: bool = False) -> dict:
             if cfg.eval_steps and run.step % cfg.eval_steps == 0 and run.eval_rows:
                 metrics.update(evaluate_policy(run))
             log.log(run.step, metrics, samples(batch, cfg.log_samples))
-            if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
-                checkpoint(run)
-    except BaseException:
-        if run.step > 0:
-            checkpoint(run, crashing=True)  # a crash or Ctrl-C still leaves a resumable checkpoint
+            signum = stop.requested(run)                            # SIGINT / SIGTERM: stop after a whole step
+            if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps or signum:
+                saved = checkpoint(run)
+            if signum:
+                raise Interrupted(signum, run.step, saved)
+    except BaseException as e:
+        if mark is not None and run.step > 0 and not no_space(e):  # e.g. a worker died during the rollout
+            rewind(run, mark)
+            checkpoint(run, crashing=True)                          # the last whole step: resumes to the same run
         raise
     finally:
         log.close()
