@@ -65,7 +65,7 @@ class _FaultyFile:
     def write(self, data):
         n = self.f.write(data)
         self.n += 1
-        if self.n == 2:
+        if self.n == 1:
             self.f.flush()
             fault(self.point + ":during", self.step)
         return n
@@ -130,12 +130,13 @@ def save_checkpoint(output_dir, step: int, *, models: dict, states: dict, meta: 
             tokenizer.save_pretrained(tmp / "policy")
             fault("save:tokenizer:after", step)
         _write(tmp / "state.pt", step, lambda f: torch.save({**states, "rng": rng_state()}, f))
-        _write(tmp / "meta.json", step, lambda f: f.write(json.dumps({**meta, "step": step}, indent=2).encode()))
+        text = json.dumps({**meta, "step": step}, indent=2).encode()
+        _write(tmp / "meta.json", step, lambda f: (f.write(text[:len(text) // 2]), f.write(text[len(text) // 2:])))
         _fsync_tree(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)     # frees the space; latest still names the previous one
-        if no_space(e) and not isinstance(e, OSError):
-            raise OSError(errno.ENOSPC, "No space left on device", str(tmp)) from e
+        if no_space(e):                             # named: the step directory being written
+            raise OSError(errno.ENOSPC, "No space left on device", getattr(e, "filename", None) or str(tmp)) from e
         raise
     fault("save:fsynced", step)
     tmp.rename(final)
