@@ -319,3 +319,45 @@ def test_disk_full_on_a_real_small_filesystem(tiny_dir, files, straight, tmp_pat
         assert_same_run(out, straight, tiny_dir)
     finally:
         subprocess.run(["umount", "--lazy", str(mnt)])       # lazy: memory-mapped weights may still be open
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_threads_follow_the_cpus_this_process_may_use(tmp_path):
+    """With the affinity mask cut to one CPU (as taskset or a container would), torch gets one
+    thread; OMP_NUM_THREADS and the 'threads' key take precedence."""
+    from lmpo.config import load_config
+    from lmpo.train.setup import configure_threads, usable_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def child():
+        os.environ.pop("OMP_NUM_THREADS", None)
+        os.sched_setaffinity(0, {cpus[0]})
+        torch.set_num_threads(7)
+        assert usable_cpus() == 1
+        assert configure_threads(load_config(None, [])) == 1
+        assert configure_threads(load_config(None, ["threads=3"])) == 3
+        os.environ["OMP_NUM_THREADS"] = "5"
+        torch.set_num_threads(5)
+        assert configure_threads(load_config(None, [])) == 5           # the user's OMP_NUM_THREADS is kept
+        return 0
+
+    assert forked(child) == 0
+
+
+def test_oversubscribed_cores_warn(monkeypatch):
+    import warnings
+
+    import lmpo.train.setup as setup
+
+    monkeypatch.setattr(setup, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    with pytest.warns(UserWarning, match="oversubscribed: load average 3.0 on 2 usable CPUs"):
+        setup.warn_if_oversubscribed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup.warn_if_oversubscribed(1)                                # one thread only shares the cores
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+        setup.warn_if_oversubscribed(2)                                # a quiet machine

@@ -40,7 +40,7 @@ def test_each_preset_takes_a_step(algorithm, sft_dir, tmp_path):
     rows = _metrics(tmp_path / algorithm)
     assert rows[-1]["step"] == 1 and all(v is None or v == v for v in rows[-1].values() if isinstance(v, float))
     if algorithm == "ppo":
-        assert "critic/loss" in rows[-1] and (tmp_path / "ppo" / "checkpoint" / "critic").exists()
+        assert "critic/loss" in rows[-1] and (tmp_path / "ppo" / "checkpoints" / "step-00000001" / "critic").exists()
     if algorithm == "dapo":
         assert "dynamic/extra_rounds" in rows[-1]
     assert "reward/mean" in m

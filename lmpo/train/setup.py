@@ -174,8 +174,9 @@ def configure_threads(cfg) -> int:
 
 
 def warn_if_oversubscribed(threads: int):
-    """A warning when the 1-minute load average says other processes already keep the CPUs busy:
-    torch threads then wait on each other and a step can be many times slower."""
+    """A warning when this run's torch threads (more than one) and the 1-minute load average of the
+    processes already running exceed the usable CPUs by half: torch's threads then wait on each
+    other at every parallel region and a step can be many times slower (one thread only shares)."""
     import os
     import warnings
 
@@ -184,10 +185,10 @@ def warn_if_oversubscribed(threads: int):
     except (OSError, AttributeError):
         return
     cpus = usable_cpus()
-    if load + threads > 1.5 * cpus and load >= 1:
+    if threads > 1 and load >= 1 and load + threads > 1.5 * cpus:
         warnings.warn(f"the CPUs are oversubscribed: load average {load:.1f} on {cpus} usable CPUs, and this run adds "
-                      f"{threads} torch threads. Steps may be much slower; use fewer threads (config key 'threads' "
-                      "or OMP_NUM_THREADS) or wait for the other work to finish.", stacklevel=2)
+                      f"{threads} torch threads. Steps may be many times slower; use fewer threads (config key "
+                      "'threads' or OMP_NUM_THREADS, e.g. threads=1) or wait for the other work to finish.", stacklevel=2)
 
 
 def setup(cfg: Config, resume: bool = False) -> Run:
