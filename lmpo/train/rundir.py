@@ -87,19 +87,20 @@ def locked(out: Path):
 
 
 def earlier_run(out: Path) -> list[str]:
-    return [name for name in RUN_FILES if (out / name).exists()]
+    """What an earlier run that took at least one step left (config.json alone is a run that stopped
+    before its first step: nothing to protect)."""
+    return [name for name in RUN_FILES if (out / name).exists() and name not in ("config.json", "ray_workers.json")]
 
 
 def start_fresh(out: Path, overwrite: bool):
     found = earlier_run(out)
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         raise OutputError(f"output_dir '{out}' holds an earlier run ({', '.join(found)}). Continue it with --resume, "
                           "start anew with overwrite_output_dir=true (its files are removed), or choose another "
                           "output_dir.")
-    for name in found:
-        p = out / name
+    for p in (out / name for name in RUN_FILES):
+        if not p.exists() and not p.is_symlink():
+            continue
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
