@@ -77,7 +77,8 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
 
     stage("GRPO and PPO from the same SFT start")
     base = Config(model=str(sft_dir), reward_funcs=["addition_exact"], max_new_tokens=6, beta=0.0,
-                  group_size=8, prompts_per_step=16, learning_rate=1e-4, threads=threads, save_steps=10_000)
+                  group_size=8, prompts_per_step=16, learning_rate=1e-4, threads=threads, save_steps=10_000,
+                  overwrite_output_dir=True)                    # a rerun of the demo starts its runs anew
     # PPO: the InstructGPT recipe (k1 KL in the reward, a critic initialized from the reward model,
     # 2 epochs x 2 minibatches); fewer steps than GRPO to keep the demo within 10 minutes.
     runs = compare_runs(base, ["grpo", "ppo"], out, steps={"grpo": budget["grpo_steps"], "ppo": budget["ppo_steps"]},
