@@ -2,7 +2,6 @@
 
 import math
 import threading
-import time
 
 import pytest
 
@@ -170,7 +169,7 @@ def test_bad_arguments():
 
 
 def test_functions_run_concurrently_and_get_columns():
-    seen, barrier = [], threading.Barrier(3, timeout=5)
+    seen, barrier = [], threading.Barrier(3, timeout=120)
 
     def make(k):
         def f(prompts, completions, answer, **kw):
@@ -180,10 +179,9 @@ def test_functions_run_concurrently_and_get_columns():
         f.__name__ = "f%d" % k
         return f
 
-    t0 = time.monotonic()
     res = compute_rewards([make(k) for k in range(3)], None, ["p"], ["c"], {"answer": ["42"]}, max_workers=4)
     assert res.rewards == [3.0] and res.failures == []
-    assert seen == [["42"]] * 3 and time.monotonic() - t0 < 5
+    assert seen == [["42"]] * 3
 
 
 def test_real_builtins_together():
