@@ -66,9 +66,9 @@ def loop(cfg: Config, resume: bool, stop: StopSignals) -> dict:
                         desc=cfg.algorithm) if run.world.main else D.NullLog()
     metrics: dict = {}
     t_start = time.perf_counter()
-    mark = None
+    mark = signum = None
     try:
-        while run.step < cfg.max_steps:
+        while run.step < cfg.max_steps and not (signum := stop.requested(run)):   # SIGINT / SIGTERM: between steps
             mark = step_mark(run)                                   # a failure before the update rewinds to here
             t = Timer()
             t0 = time.perf_counter()
@@ -87,11 +87,10 @@ def loop(cfg: Config, resume: bool, stop: StopSignals) -> dict:
             if cfg.eval_steps and run.step % cfg.eval_steps == 0 and run.eval_rows:
                 metrics.update(evaluate_policy(run))
             log.log(run.step, metrics, samples(batch, cfg.log_samples))
-            signum = stop.requested(run)                            # SIGINT / SIGTERM: stop after a whole step
-            if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps or signum:
-                saved = checkpoint(run)
-            if signum:
-                raise Interrupted(signum, run.step, saved)
+            if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
+                checkpoint(run)
+        if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
+            raise Interrupted(signum, run.step, checkpoint(run) if run.step else None)
     except BaseException as e:
         if mark is not None and run.step > 0 and not no_space(e):  # e.g. a worker died during the rollout
             rewind(run, mark)
