@@ -361,3 +361,14 @@ def test_oversubscribed_cores_warn(monkeypatch):
         setup.warn_if_oversubscribed(1)                                # one thread only shares the cores
         monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
         setup.warn_if_oversubscribed(2)                                # a quiet machine
+
+
+@pytest.mark.parametrize("cpu_max, cpus", [("150000 100000", 2), ("50000 100000", 1), ("max 100000", None)])
+def test_cgroup_cpu_quota_caps_the_threads(tmp_path, monkeypatch, cpu_max, cpus):
+    """A container granted 1.5 CPUs (cgroup v2 cpu.max) gets 2 threads, 0.5 CPUs 1, no quota all."""
+    import lmpo.train.setup as setup
+
+    (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    monkeypatch.setattr(setup, "CGROUP", tmp_path)
+    affinity = len(os.sched_getaffinity(0))
+    assert setup.usable_cpus() == (min(affinity, cpus) if cpus else affinity)

@@ -141,24 +141,43 @@ def _lr_lambda(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
 
 
+CGROUP = Path("/sys/fs/cgroup")
+
+
 def usable_cpus() -> int:
-    """The CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota
-    (``cpu.max`` in cgroup v2, ``cfs_quota_us / cfs_period_us`` in v1), rounded up."""
+    """The CPUs this process may run on: its affinity mask, capped by its cgroup's CPU quota
+    (quota / period, rounded up)."""
     import math
     import os
 
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", lambda t: [t.strip(), Path(
-                            "/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()])):
+    quota = cgroup_cpu_quota()
+    return max(1, min(n, math.ceil(quota)) if quota else n)
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time the cgroup grants (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``); None when unlimited or unknown."""
+    try:
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        own = []
+    v2 = [CGROUP / line.split("::", 1)[1].lstrip("/") / "cpu.max" for line in own if line.startswith("0::")]
+    for path in [*v2, CGROUP / "cpu.max"]:
         try:
-            quota, period = parse(Path(path).read_text())
+            quota, period = path.read_text().split()
+            break
         except (OSError, ValueError):
             continue
-        if quota not in ("max", "-1") and int(period) > 0:
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-        break
-    return max(1, n)
+    else:
+        try:
+            quota = (CGROUP / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (CGROUP / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return int(quota) / int(period)
 
 
 def configure_threads(cfg) -> int:
