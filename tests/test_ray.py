@@ -124,6 +124,40 @@ def test_killed_worker_past_restarts_stops_with_checkpoint_and_resumes(tiny_dir,
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]     # each step once
 
 
+def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(tiny_dir, tmp_path):
+    """A scheduler's SIGTERM to ``lmpo train`` (the Ray driver) reaches the learner actor, which
+    finishes its step, saves it and stops: exit 143, every logged step in the checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    from lmpo.train.checkpoint import find_checkpoint
+
+    out = tmp_path / "run"
+    args = rl_overrides(tiny_dir, out, beta=0.0, max_steps=100_000, save_steps=100_000, eval_samples=2,
+                        **{"distributed.backend": "ray"})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmpo", "train", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900                    # generous: Ray starts slowly on a loaded machine
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=900)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM" in err and "--resume" in err
+    step = json.loads((find_checkpoint(out) / "meta.json").read_text())["step"]
+    assert [m["step"] for m in _metrics(out)] == list(range(1, step + 1))
+
+
 def test_scale_out_examples_are_valid_configs():
     from conftest import REPO
 

@@ -43,8 +43,11 @@ class StopSignals:
         self.signum, self.old = None, {}
 
     def __enter__(self):
+        from .distributed import in_ray_learner
+
         if threading.current_thread() is threading.main_thread():
-            for s in self.SIGNALS:
+            # the Ray learner shares the driver's terminal: only the driver's forwarded SIGTERM counts
+            for s in (signal.SIGTERM,) if in_ray_learner() else self.SIGNALS:
                 self.old[s] = signal.signal(s, self._handle)
         return self
 
