@@ -156,11 +156,15 @@ def save_checkpoint(output_dir, step: int, *, models: dict, states: dict, meta: 
 
 def _point_latest(root: Path, name: str, step: int):
     tmp = root / (LATEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        fault("save:latest.tmp:during", step)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            fault("save:latest.tmp:during", step)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:                            # a full disk: name the file
+        e.filename = e.filename or str(tmp)
+        raise
     fault("save:latest.tmp:after", step)
     os.replace(tmp, root / LATEST)
     fault("save:latest:replaced", step)

@@ -29,6 +29,8 @@ class Interrupted(KeyboardInterrupt):
         if self.at_once:
             return (f"stopped at once by a second {name}; the last checkpoint is kept, rerun with --resume to "
                     "continue from it.")
+        if not self.step:
+            return f"stopped by {name} before the first step; nothing to save."
         where = f" ({self.checkpoint})" if self.checkpoint else ""
         return f"stopped by {name} after step {self.step}; checkpoint{where} written, rerun with --resume to continue."
 
