@@ -180,6 +180,11 @@ def main(argv=None) -> int:
             raise
         print(f"lmpo {cmd}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from .train.stop import Interrupted
+
+        if isinstance(e, Interrupted):          # SIGINT / SIGTERM during training: 130 / 143
+            print(f"lmpo {cmd}: {e.message()}", file=sys.stderr)
+            return e.code
         print(f"lmpo {cmd}: interrupted", file=sys.stderr)
         return 130

@@ -114,7 +114,7 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
     runs = {}
     base = Config(model=str(sft_dir), reward_funcs=["addition_exact"], max_new_tokens=6, beta=0.0,
                   learning_rate=2e-4, lr_schedule="cosine", threads=threads, save_steps=100_000,
-                  eval_steps=budget["eval_steps"])
+                  eval_steps=budget["eval_steps"], overwrite_output_dir=True)   # a rerun starts its runs anew
     for name, steps, extra in (("grpo", budget["grpo_steps"], GRPO), ("ppo", budget["ppo_steps"], PPO)):
         stage(name, f"{name.upper()} from the SFT start (bar: live reward)")
         runs[name] = compare_runs(base, [name], out, steps={name: steps}, overrides={name: extra}, report=False)[0]

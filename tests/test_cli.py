@@ -20,7 +20,7 @@ def test_train_end_to_end_from_a_clean_directory(sft_dir, tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-2])
     assert {"reward/mean", "eval/greedy_accuracy"} <= set(summary)
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
-    assert (out / "final" / "config.json").exists() and (out / "checkpoint" / "state.pt").exists()
+    assert (out / "final" / "config.json").exists() and (out / "checkpoints" / "step-00000002" / "state.pt").exists()
     saved = json.loads((out / "config.json").read_text())
     assert saved["learning_rate"] == 1e-4 and saved["algo"]["eps_high"] == 0.28
     assert "Traceback" not in res.stderr

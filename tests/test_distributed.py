@@ -20,6 +20,7 @@ from conftest import REPO, read_jsonl, rl_overrides, run_lmpo, write_jsonl
 
 from lmpo.config import ConfigError, check_world, load_config
 from lmpo.train import distributed as D
+from lmpo.train.checkpoint import find_checkpoint
 
 REWARD = "def digits(prompts, completions, **kw):\n    return [sum(c.isdigit() for c in s) / 4 for s in completions]\n"
 
@@ -86,7 +87,7 @@ def ddp(setup_dir, tiny_dir):
 
 def test_ddp_two_processes_give_the_single_process_weights(single, ddp, tiny_dir):
     assert_same_weights(single / "final", ddp / "final", moved_from=tiny_dir)
-    assert_same_weights(single / "checkpoint" / "policy", ddp / "checkpoint" / "policy")
+    assert_same_weights(find_checkpoint(single) / "policy", find_checkpoint(ddp) / "policy")
     one, two = read_jsonl(single / "metrics.jsonl"), read_jsonl(ddp / "metrics.jsonl")
     assert [m["step"] for m in two] == [1, 2]                          # rank 0 alone logs
     for a, b in zip(one, two):
@@ -103,7 +104,7 @@ def test_fsdp_launched_by_lmpo_train_gives_the_single_process_weights(single, se
     assert "torch.distributed.run" in r.stderr                        # lmpo train re-launched itself
     assert_same_weights(single / "final", out / "final", moved_from=tiny_dir)
     assert '"FSDP' not in (out / "final" / "config.json").read_text()   # loadable architecture name
-    assert_same_weights(single / "checkpoint" / "policy", out / "checkpoint" / "policy")
+    assert_same_weights(find_checkpoint(single) / "policy", find_checkpoint(out) / "policy")
 
 
 def test_two_rank_checkpoint_resumes_in_one_process(single, ddp, setup_dir, tiny_dir):

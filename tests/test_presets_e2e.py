@@ -42,7 +42,7 @@ def test_each_preset_takes_a_step(algorithm, sft_dir, tmp_path):
     bad = {k: v for k, v in rows[-1].items() if v is None or v in ("NaN", "Infinity", "-Infinity")}
     assert rows[-1]["step"] == 1 and not bad, bad       # the logger writes NaN / inf as strings, never null
     if algorithm == "ppo":
-        assert "critic/loss" in rows[-1] and (tmp_path / "ppo" / "checkpoint" / "critic").exists()
+        assert "critic/loss" in rows[-1] and (tmp_path / "ppo" / "checkpoints" / "step-00000001" / "critic").exists()
     if algorithm == "dapo":
         assert "dynamic/extra_rounds" in rows[-1]
     assert "reward/mean" in m

@@ -5,10 +5,6 @@ bound; a killed rollout worker is restarted (or the run stops with a clear error
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -76,60 +72,90 @@ def test_ray_config_errors(tiny_dir, tmp_path):
         train(rl_config(tiny_dir, tmp_path / "b", **{"distributed.max_staleness": 2}))
 
 
-def _kill_rollout_worker_after(out: Path, step: int, done: dict):
-    """In a thread: once ``step`` steps are logged, SIGKILL rollout worker 0 (its pid from
-    ray_workers.json)."""
-    deadline = time.monotonic() + 200
-    while time.monotonic() < deadline:
-        try:
-            if len((out / "metrics.jsonl").read_text().splitlines()) >= step:
-                pid = json.loads((out / "ray_workers.json").read_text())["rollout"][0]
-                os.kill(pid, signal.SIGKILL)
-                done["pid"], done["at"] = pid, len((out / "metrics.jsonl").read_text().splitlines())
-                return
-        except (FileNotFoundError, json.JSONDecodeError, ProcessLookupError):
-            pass
-        time.sleep(0.02)
+# The reward function, in the reward worker, SIGKILLs rollout worker 0 while scoring step AT (once:
+# a marker file remembers it). Event-driven: the kill lands at that step however slow the machine.
+KILLER = """
+import json, os, signal
+CALLS = {{}}
+
+def kill_worker_at(prompts, completions, **kw):
+    pid = os.getpid()
+    CALLS[pid] = n = CALLS.get(pid, 0) + 1
+    marker = os.path.join({out!r}, "killed_rollout_worker")
+    if n == {at} and not os.path.exists(marker):
+        victim = json.load(open(os.path.join({out!r}, "ray_workers.json")))["rollout"][0]
+        os.kill(victim, signal.SIGKILL)
+        open(marker, "w").write(str(victim))
+    return [float(c.strip()[:1] == "1") for c in completions]
+"""
 
 
-def _ray_run(tiny_dir, out, steps, restarts, extra=()):
-    args = ["train", *rl_overrides(tiny_dir, out, beta=0.0, max_steps=steps, save_steps=5, eval_samples=2,
+def _ray_run(tiny_dir, tmp_path, out, steps, restarts, kill_at):
+    (tmp_path / "killer.py").write_text(KILLER.format(out=str(out), at=kill_at))
+    return ["train", *rl_overrides(tiny_dir, out, beta=0.0, max_steps=steps, save_steps=50, eval_samples=2,
+                                   reward_funcs=[f"{tmp_path / 'killer.py'}:kill_worker_at"],
                                    **{"distributed.backend": "ray", "distributed.worker_restarts": restarts,
-                                      "distributed.ray_timeout_s": 60}), *extra]
-    return args
-
-
-def _run_and_kill(tiny_dir, tmp_path, steps, restarts, kill_after):
-    """``lmpo train`` on Ray for ``steps`` steps; rollout worker 0 is SIGKILLed after ``kill_after``."""
-    out = tmp_path / "run"
-    done: dict = {}
-    killer = threading.Thread(target=_kill_rollout_worker_after, args=(out, kill_after, done), daemon=True)
-    killer.start()
-    r = run_lmpo(_ray_run(tiny_dir, out, steps, restarts=restarts), tmp_path, timeout=240)
-    killer.join(timeout=5)
-    assert "pid" in done and done["at"] < steps, "the worker was not killed mid-run"
-    return out, r, done
+                                      "distributed.reward_workers": 1})]
 
 
 def test_killed_rollout_worker_is_restarted(tiny_dir, tmp_path):
-    out, r, _ = _run_and_kill(tiny_dir, tmp_path, 120, restarts=1, kill_after=3)
+    out = tmp_path / "run"
+    r = run_lmpo(_ray_run(tiny_dir, tmp_path, out, 5, restarts=1, kill_at=2), tmp_path, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "killed_rollout_worker").exists()
     ms = _metrics(out)
-    assert [m["step"] for m in ms] == list(range(1, 121))            # no step lost
+    assert [m["step"] for m in ms] == [1, 2, 3, 4, 5]                # no step lost
     assert ms[-1]["ray/worker_restarts"] >= 1
     assert (out / "final" / "config.json").exists()
 
 
 def test_killed_worker_past_restarts_stops_with_checkpoint_and_resumes(tiny_dir, tmp_path):
-    out, r, done = _run_and_kill(tiny_dir, tmp_path, 400, restarts=0, kill_after=6)
+    """Killed during step 3, the worker fails step 4's rollout: the run stops with exit 2 and a
+    checkpoint of step 3 (the last whole step, not only every save_steps), and resumes from it."""
+    from lmpo.train.checkpoint import find_checkpoint
+
+    out = tmp_path / "run"
+    r = run_lmpo(_ray_run(tiny_dir, tmp_path, out, 50, restarts=0, kill_at=3), tmp_path, timeout=1200)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "rollout worker 0" in r.stderr and "--resume" in r.stderr and "worker_restarts" in r.stderr
-    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
-    stopped = meta["step"]
-    assert done["at"] <= stopped < 400                               # saved at the crash, not only every 5 steps
-    r2 = run_lmpo([*_ray_run(tiny_dir, out, stopped + 2, restarts=1), "--resume"], tmp_path, timeout=240)
+    assert json.loads((find_checkpoint(out) / "meta.json").read_text())["step"] == 3
+    r2 = run_lmpo([*_ray_run(tiny_dir, tmp_path, out, 5, restarts=1, kill_at=3), "--resume"], tmp_path, timeout=1200)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert [m["step"] for m in _metrics(out)][-2:] == [stopped + 1, stopped + 2]
+    assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]     # each step once
+
+
+def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(tiny_dir, tmp_path):
+    """A scheduler's SIGTERM to ``lmpo train`` (the Ray driver) reaches the learner actor, which
+    finishes its step, saves it and stops: exit 143, every logged step in the checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    from lmpo.train.checkpoint import find_checkpoint
+
+    out = tmp_path / "run"
+    args = rl_overrides(tiny_dir, out, beta=0.0, max_steps=100_000, save_steps=100_000, eval_samples=2,
+                        **{"distributed.backend": "ray"})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmpo", "train", *args], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 900                    # generous: Ray starts slowly on a loaded machine
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=900)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM" in err and "--resume" in err
+    step = json.loads((find_checkpoint(out) / "meta.json").read_text())["step"]
+    assert [m["step"] for m in _metrics(out)] == list(range(1, step + 1))
 
 
 def test_scale_out_examples_are_valid_configs():

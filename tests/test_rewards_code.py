@@ -10,7 +10,9 @@ from lmpo.rewards.code_reward import CodeTests, extract_code, program
 from lmpo.rewards.sandbox import SandboxLimits, SandboxUnavailable, run_code
 
 TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(2, 2) == 4\nassert add(0, 5) == 5\n"
-FAST = SandboxLimits(cpu_s=2, wall_s=4, test_timeout_s=2, mem_mb=512)
+# A looping unit is stopped by its 2 CPU seconds (RLIMIT_CPU), which a busy machine does not shorten;
+# the wall-clock limits (they include starting the sandboxed interpreter) are generous for a loaded machine.
+FAST = SandboxLimits(cpu_s=2, wall_s=120, test_timeout_s=60, mem_mb=512)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +105,7 @@ def test_parallel_pool_overlaps_runs(tmp_path, monkeypatch):
 
 
 def test_timeout_gives_partial_credit(reward):
-    """The unit that loops forever is stopped at its deadline; the other three still count."""
+    """The unit that loops forever is stopped (by its CPU limit); the other three still count."""
     slow = "def add(a, b):\n    while a == 2:\n        pass\n    return a + b\n"
     assert reward(["p"], [slow], tests=[TESTS]) == [0.75]
 

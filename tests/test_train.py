@@ -68,7 +68,10 @@ def test_grpo_steps_change_weights_and_write_outputs(sft_dir, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, "GRPO steps left most weights unchanged"
 
-    ckpt = out / "checkpoint"
+    from lmpo.train.checkpoint import find_checkpoint
+
+    ckpt = find_checkpoint(out)
+    assert ckpt.name == "step-00000003"                              # the last save (step 2's is removed)
     assert (ckpt / "state.pt").exists() and (ckpt / "meta.json").exists() and (ckpt / "policy" / "config.json").exists()
     state = torch.load(ckpt / "state.pt", weights_only=False)
     assert {"optimizer", "rng", "prompts"} <= set(state)
@@ -103,11 +106,14 @@ def test_resume_gives_identical_weights(sft_dir, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
 
 
-def test_resume_without_checkpoint_is_an_error(sft_dir, tmp_path):
-    from lmpo.config import ConfigError
-
-    with pytest.raises(ConfigError, match="checkpoint"):
-        train(rl_config(sft_dir, tmp_path / "empty"), resume=True)
+def test_resume_without_checkpoint_starts_from_step_0_and_says_so(sft_dir, tmp_path, capsys):
+    """A scheduler relaunching a run that died before its first save, with --resume, gets a run
+    from step 0 (every row once), not an error."""
+    out = tmp_path / "empty"
+    train(rl_config(sft_dir, out, max_steps=2), resume=True)
+    err = capsys.readouterr().err
+    assert "no checkpoint" in err and "starting from step 0" in err
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 
 def test_failing_samples_get_no_gradient(sft_dir, tmp_path):

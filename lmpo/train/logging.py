@@ -1,6 +1,10 @@
 """Metrics to ``metrics.jsonl`` (one object per step), sample completions to ``samples.jsonl``,
 optionally TensorBoard and the trackers named in ``report_to`` (each in its offline or local mode
-unless its own environment variables say otherwise), and a progress bar with the live reward."""
+unless its own environment variables say otherwise), and a progress bar with the live reward.
+
+A run that starts at step ``initial`` (a resumed one) first cuts both files back to the rows of
+steps 1 … ``initial`` (rows written after the checkpoint it resumes from are dropped, and so is a
+torn last line), so every step appears exactly once."""
 
 from __future__ import annotations
 
@@ -20,28 +24,27 @@ class MetricsLogger:
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(self.dir / name, initial)
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:  # pragma: no cover - depends on the install
                 raise ImportError("tensorboard=true needs the tensorboard package: pip install 'lmpo[tensorboard]'") from e
-            self.tb = SummaryWriter(str(self.dir / "tb"))
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=initial + 1 if initial else None)
         self.trackers = [open_tracker(name, self.dir, config or {}) for name in report_to if name != "tensorboard"]
         if "tensorboard" in report_to and self.tb is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tb"))
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=initial + 1 if initial else None)
         self.bar = tqdm(total=total, initial=initial, desc=desc, disable=not progress, dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict, samples: list[dict] = ()):
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        _append(self.dir / "metrics.jsonl", [row])
         if samples:
-            with open(self.dir / "samples.jsonl", "a") as f:
-                for s in samples:
-                    f.write(json.dumps({"step": step, **s}, default=str) + "\n")  # log_extra may hold anything
+            _append(self.dir / "samples.jsonl", [{"step": step, **s} for s in samples])
         if self.tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
@@ -105,6 +108,37 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _append(path: Path, rows: list[dict]):
+    """Append whole lines; an OSError (a full disk) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write("".join(json.dumps(r, default=str) + "\n"  # log_extra may hold anything for r in rows))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
+
+
+def truncate_jsonl(path: Path, last_step: int):
+    """Keep the rows of steps <= ``last_step`` (atomically: a temporary file renamed over it)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue                                     # a line torn by a kill mid-write
+        if row.get("step", 0) <= last_step:
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(keep))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _fmt(v) -> str:

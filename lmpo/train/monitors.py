@@ -286,6 +286,8 @@ RULES = {
 class _Off:
     """``monitor.enabled: false``."""
 
+    pending: list = []
+
     def watch(self, run, batch, metrics):
         pass
 

@@ -30,8 +30,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
+import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -86,7 +89,14 @@ def launch(cfg, resume: bool = False) -> dict:
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
         runtime_env={"env_vars": {"LMPO_RAY_LEARNER": "1"}}).remote()
     try:
-        return ray.get(learner.train.remote(cfg, resume, pg))
+        with _forward_signals(*ray.get(learner.where.remote(), timeout=d.ray_timeout_s)) as got:
+            out = ray.get(learner.train.remote(cfg, resume, pg))
+        if isinstance(out, dict) and "_interrupted" in out:          # stopped on a forwarded signal
+            from .stop import Interrupted
+
+            step, ckpt, at_once = out["_interrupted"]
+            raise Interrupted(got[0] if got else signal.SIGTERM, step, ckpt, at_once)
+        return out
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, Exception):
@@ -104,16 +114,44 @@ def launch(cfg, resume: bool = False) -> dict:
                 ray.shutdown()
 
 
+@contextmanager
+def _forward_signals(pid: int, host: str):
+    """SIGINT / SIGTERM to the driver reach the learner (on this host) as SIGTERM, which stops it after
+    the step with a checkpoint; yields the list of signals the driver got (the first sets the exit status)."""
+    got: list = []
+    if host != socket.gethostname() or threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def forward(signum, frame):
+        got.append(signum)
+        os.kill(pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 class _Learner:
     """The loop, in an actor: ``rl.train`` sees ``LMPO_RAY_LEARNER=1`` and attaches worker pools."""
+
+    def where(self) -> tuple[int, str]:
+        return os.getpid(), socket.gethostname()
 
     def train(self, cfg, resume, pg):
         _PLACEMENT["pg"] = pg
         if cfg.threads is None:
             torch.set_num_threads(1)
         from .rl import train
+        from .stop import Interrupted
 
-        return train(cfg, resume=resume)
+        try:
+            return train(cfg, resume=resume)
+        except Interrupted as e:        # Ray reports a KeyboardInterrupt as a cancelled task: hand it back
+            return {"_interrupted": (e.step, str(e.checkpoint) if e.checkpoint else None, e.at_once)}
 
 
 _PLACEMENT: dict = {}

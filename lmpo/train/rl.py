@@ -22,9 +22,12 @@ from ..rollout import RolloutBatch
 from ..rollout.engine import SamplingSpec, make_engine
 from . import distributed as D
 from .forward import completion_logp, sequence_inputs
+from .checkpoint import no_space
 from .logging import MetricsLogger
 from .monitors import Monitors
-from .setup import Run, checkpoint, setup
+from .rundir import guard, no_space_error
+from .setup import Run, checkpoint, rewind, setup, step_mark
+from .stop import Interrupted, StopSignals
 
 
 class DivergedError(ConfigError):
@@ -43,11 +46,23 @@ class Timer(dict):
 
 
 def train(cfg: Config, resume: bool = False) -> dict:
-    """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set)."""
-    if cfg.distributed.backend == "ray" and not D.in_ray_learner():
-        from .ray_backend import launch
+    """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set).
+    A full disk anywhere is an ``OutputError`` naming the file; the last checkpoint stays."""
+    try:
+        with guard(cfg, resume):                                    # output_dir checked and locked before any model loads
+            if cfg.distributed.backend == "ray" and not D.in_ray_learner():
+                from .ray_backend import launch
 
-        return launch(cfg, resume)                                  # the learner actor comes back here
+                return launch(cfg, resume)                          # the learner actor comes back here
+            with StopSignals() as stop:
+                return loop(cfg, resume, stop)
+    except BaseException as e:
+        if no_space(e):
+            raise no_space_error(cfg, e) from None
+        raise
+
+
+def loop(cfg: Config, resume: bool, stop: StopSignals) -> dict:
     run = setup(cfg, resume=resume)                                 # models, data, rollout engine and scorer
     out = Path(cfg.output_dir)
     if run.world.main:                                              # with several processes rank 0 writes
@@ -58,13 +73,16 @@ def train(cfg: Config, resume: bool = False) -> dict:
     metrics: dict = {}
     monitor = Monitors.for_run(run)                                 # collapse, drift and reward-hacking alarms
     t_start = time.perf_counter()
+    mark = signum = None
     try:
-        while run.step < cfg.max_steps:
+        while run.step < cfg.max_steps and not (signum := stop.requested(run)):   # SIGINT / SIGTERM: between steps
+            mark = step_mark(run)                                   # a failure before the update rewinds to here
             t = Timer()
             t0 = time.perf_counter()
             batch, roll_stats = collect(run, t)                     # rollout + reward
             with t("logprob"):
                 prep_stats = prepare(run, batch, t)                 # old/ref log-probs, values, advantages
+            mark = None                                             # the update changes the weights: no way back
             upd_stats = update(run, batch, t)                       # μ epochs × minibatches
             run.step += 1
             with t("weights_sync"):
@@ -80,10 +98,17 @@ def train(cfg: Config, resume: bool = False) -> dict:
             if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
                 check_finite_weights(run)
                 checkpoint(run)
-            monitor.enforce()                                       # monitor.action=stop: exit 2 (the except saves)
-    except BaseException:
-        if run.step > 0 and weights_finite(run, collective=False):
-            checkpoint(run, crashing=True)  # a crash or Ctrl-C still leaves a resumable checkpoint
+        if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
+            raise Interrupted(signum, run.step, checkpoint(run) if run.step else None)
+        if monitor.pending:                                         # monitor.action=stop: the whole step saved, exit 2
+            checkpoint(run)
+            monitor.enforce()
+    except BaseException as e:
+        if mark is not None and run.step > 0 and not no_space(e):  # e.g. a worker died during the rollout
+            rewind(run, mark)
+            checkpoint(run, crashing=True)                          # the last whole step: resumes to the same run
+        elif isinstance(e, DivergedError) and run.step > 0 and weights_finite(run, collective=False):
+            checkpoint(run, crashing=True)                          # the skipped steps left the last good weights
         raise
     finally:
         log.close()
@@ -560,7 +585,7 @@ def count_skip(run: Run, stepped: bool):
         raise DivergedError(f"training diverged at step {run.step + 1}: {run.cfg.max_skipped_steps} optimizer steps in "
                             "a row had a non-finite loss or gradient and were skipped (config key "
                             "'max_skipped_steps'). Lower 'learning_rate', set 'max_grad_norm', or check the rewards; "
-                            f"the checkpoint in {run.cfg.output_dir}/checkpoint holds the weights before the divergence.")
+                            f"the checkpoint in {run.cfg.output_dir}/checkpoints holds the weights before the divergence.")
 
 
 def weights_finite(run: Run, collective: bool = True) -> bool:

@@ -19,7 +19,7 @@ from ..data.datasets import check_prompt_lengths
 from ..data.tasks import ADDITION
 from ..models.load import ModelError, _looks_like_hub_id, context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
 from . import distributed as D
-from .checkpoint import find_checkpoint, load_state, save_checkpoint, set_rng_state
+from .checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
 
 class PromptStream:
@@ -168,13 +168,83 @@ def _lr_lambda(warmup: int, schedule: str = "constant", total: int = 0):
     return f
 
 
-def setup(cfg: Config, resume: bool = False) -> Run:
-    validate(cfg)                                                   # the config alone, before anything is loaded
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask, capped by its cgroup's CPU quota
+    (quota / period, rounded up)."""
+    import math
+    import os
+
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota()
+    return max(1, min(n, math.ceil(quota)) if quota else n)
+
+
+def cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time the cgroup grants (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us``); None when unlimited or unknown."""
+    try:
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        own = []
+    v2 = [CGROUP / line.split("::", 1)[1].lstrip("/") / "cpu.max" for line in own if line.startswith("0::")]
+    for path in [*v2, CGROUP / "cpu.max"]:
+        try:
+            quota, period = path.read_text().split()
+            break
+        except (OSError, ValueError):
+            continue
+    else:
+        try:
+            quota = (CGROUP / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (CGROUP / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    if quota in ("max", "-1") or int(period) <= 0:
+        return None
+    return int(quota) / int(period)
+
+
+def configure_threads(cfg) -> int:
+    """torch's CPU threads: ``threads`` when set, else OMP_NUM_THREADS when set (torch reads it), else
+    the CPUs this process may use (a container's quota or a taskset mask, not the machine's cores)."""
+    import os
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    elif not os.environ.get("OMP_NUM_THREADS") and not D.in_ray_learner():  # Ray sets its actors' count
+        torch.set_num_threads(usable_cpus())
+    return torch.get_num_threads()
+
+
+def warn_if_oversubscribed(threads: int):
+    """A warning when this run's torch threads (more than one) and the 1-minute load average of the
+    processes already running exceed the usable CPUs by half: torch's threads then wait on each
+    other at every parallel region and a step can be many times slower (one thread only shares)."""
+    import os
+    import warnings
+
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return
+    cpus = usable_cpus()
+    if threads > 1 and load >= 1 and load + threads > 1.5 * cpus:
+        warnings.warn(f"the CPUs are oversubscribed: load average {load:.1f} on {cpus} usable CPUs, and this run adds "
+                      f"{threads} torch threads. Steps may be many times slower; use fewer threads (config key "
+                      "'threads' or OMP_NUM_THREADS, e.g. threads=1) or wait for the other work to finish.", stacklevel=2)
+
+
+def setup(cfg: Config, resume: bool = False) -> Run:
+    validate(cfg)                                                   # the config alone, before anything is loaded
+    threads = configure_threads(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     world = D.init(cfg)                                             # torchrun: join the process group
+    if world.main:
+        warn_if_oversubscribed(threads)
     device = resolve_device(cfg.device)
     algo = resolve_algorithm(cfg)
     rows = load_rows(cfg.dataset, required=("prompt",))            # bad data and reward specs fail before
@@ -193,9 +263,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         raise ModelError(f"model '{cfg.model}' does not exist: give a local HF model directory (config.json + "
                          "weights) or leave 'model' unset for the embedded tiny model.")
     model_dir = str(cfg.model) if cfg.model else str(embedded_model(progress=cfg.progress))
-    ckpt = find_checkpoint(cfg.output_dir) if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"--resume: no checkpoint in '{cfg.output_dir}' (looked for {cfg.output_dir}/checkpoint).")
+    ckpt = find_checkpoint(cfg.output_dir) if resume else None    # none yet: step 0 (the run's guard says so)
     # with LoRA the checkpoint holds the adapter only: the base is model_dir, the adapter is resumed
     policy_dir = str(ckpt / "policy") if ckpt and not cfg.lora_r else model_dir
     tokenizer = load_tokenizer(cfg.tokenizer or (str(ckpt / "policy") if ckpt else model_dir))
@@ -283,8 +351,21 @@ def checkpoint(run: Run, crashing: bool = False):
         models["ref"] = run.ref
     if not run.world.main:
         return None
-    return save_checkpoint(run.cfg.output_dir, models=models, states=states, tokenizer=run.tokenizer,
-                           meta={"step": run.step, "config": to_dict(run.cfg), "model_dir": run.model_dir})
+    return save_checkpoint(run.cfg.output_dir, run.step, models=models, states=states, tokenizer=run.tokenizer,
+                           meta={"config": to_dict(run.cfg), "model_dir": run.model_dir})
+
+
+def step_mark(run: Run) -> dict:
+    """What a step changes before its update: the prompt stream, the RNG states, ``extra``'s lists."""
+    return {"prompts": run.prompts.state(), "rng": rng_state(), "beta": run.beta,
+            "extra": {k: list(v) if isinstance(v, list) else v for k, v in run.extra.items()}}
+
+
+def rewind(run: Run, mark: dict):
+    """Back to the start of the step ``mark`` was taken at (its update had not begun)."""
+    run.prompts.load(mark["prompts"])
+    set_rng_state(mark["rng"])
+    run.beta, run.extra = mark["beta"], mark["extra"]
 
 
 def _restore(run: Run, ckpt: Path):
