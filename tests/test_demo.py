@@ -11,6 +11,7 @@ import torch
 from conftest import read_jsonl, rl_config
 
 from lmpo.train.rl import train
+from lmpo.train.checkpoint import find_checkpoint
 
 
 def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkeypatch):
@@ -159,7 +160,7 @@ def test_ppo_critic_forward_runs_once_with_one_update(sft_dir, tmp_path, monkeyp
     assert len(calls) == 3 * forwards
     from lmpo.models.value import load_value_model, scalar_head
 
-    critic = load_value_model(str(tmp_path / "c" / "checkpoint" / "critic"), from_reward_model=True)
+    critic = load_value_model(str(find_checkpoint(tmp_path / "c") / "critic"), from_reward_model=True)
     assert scalar_head(critic).weight.abs().sum() > 0
 
 

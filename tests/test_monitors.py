@@ -15,6 +15,7 @@ from conftest import read_jsonl, rl_config, rl_overrides, run_lmpo
 from lmpo.config import ConfigError, MonitorConfig, load_config
 from lmpo.rollout import RolloutBatch
 from lmpo.train.monitors import MonitorAlarm, Monitors, distinct_fraction, group_similarity, monitor_line, probe_kl
+from lmpo.train.checkpoint import find_checkpoint
 
 
 def test_signals_by_hand():
@@ -160,7 +161,7 @@ def test_exploitable_reward_raises_an_alarm_and_the_honest_one_does_not(sft_dir,
     steps = len(read_jsonl(tmp_path / "hack" / "metrics.jsonl"))
     assert steps < bound and alarms[0]["step"] == steps
     assert {a["kind"] for a in alarms} <= {"drift", "hacking"}
-    assert (tmp_path / "hack" / "checkpoint").exists()
+    assert find_checkpoint(tmp_path / "hack") is not None
     train(rl_config(sft_dir, tmp_path / "honest", max_steps=bound, reward_funcs=["addition_exact"], **WATCH))
     assert not (tmp_path / "honest" / "alarms.jsonl").exists()
     last = read_jsonl(tmp_path / "honest" / "metrics.jsonl")[-1]

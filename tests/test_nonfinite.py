@@ -16,6 +16,7 @@ from conftest import read_jsonl, rl_config, rl_overrides, run_lmpo
 from lmpo.config import ConfigError, load_config
 from lmpo.train.rl import train
 from lmpo.train.setup import resolve_algorithm
+from lmpo.train.checkpoint import find_checkpoint
 
 REWARDS = '''
 def huge(prompts, completions, **kw):
@@ -124,11 +125,11 @@ def test_divergence_is_skipped_counted_and_stops_with_exit_2(tiny_dir, tmp_path,
     assert [row["train/skipped_steps"] for row in rows] == [1]
     assert rows[0]["loss"] in ("NaN", "Infinity", "-Infinity")           # written as a string, not null
     assert not (out / "final").exists()
-    ckpt = _weights(out / "checkpoint" / "policy")
+    ckpt = _weights(find_checkpoint(out) / "policy")
     assert _all_finite(ckpt)
     start = _weights(tiny_dir)
     assert all(torch.equal(start[k], ckpt[k]) for k in start)          # every step was skipped
-    assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == 1
+    assert json.loads((find_checkpoint(out) / "meta.json").read_text())["step"] == 1
 
 
 def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
@@ -149,8 +150,8 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "o"
     with pytest.raises(rl.DivergedError, match="NaN or inf"):
         rl.train(rl_config(tiny_dir, out, max_steps=3, save_steps=1, beta=0.0))
-    assert json.loads((out / "checkpoint" / "meta.json").read_text())["step"] == 1
-    assert _all_finite(_weights(out / "checkpoint" / "policy"))
+    assert json.loads((find_checkpoint(out) / "meta.json").read_text())["step"] == 1
+    assert _all_finite(_weights(find_checkpoint(out) / "policy"))
     assert not (out / "final").exists()
 
 
