@@ -114,7 +114,7 @@ def _append(path: Path, rows: list[dict]):
     """Append whole lines; an OSError (a full disk) names the file."""
     try:
         with open(path, "a") as f:
-            f.write("".join(json.dumps(r, default=str) + "\n"  # log_extra may hold anything for r in rows))
+            f.write("".join(json.dumps(r, default=str) + "\n" for r in rows))  # log_extra may hold anything
     except OSError as e:
         if e.filename is None:
             e.filename = str(path)
