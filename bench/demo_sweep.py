@@ -85,7 +85,7 @@ SFT_VARIANTS = {
 
 def build_sft(name: str, out: Path) -> dict:
     from lmpo.config import SFTConfig
-    from lmpo.train.sft import train_sft
+    from lmpo.stages.sft import train_sft
 
     t0 = time.time()
     m = train_sft(SFTConfig(output_dir=str(out), threads=1, device="cpu", progress=False, **SFT_VARIANTS[name]))

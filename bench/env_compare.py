@@ -61,7 +61,7 @@ def launch(cfgs: list[dict], out: Path, parallel: bool):
 
 
 def summarize(env: str, algo: str, run: Path) -> dict:
-    from lmpo.train.logging import read_metrics
+    from lmpo.io.logging import read_metrics
 
     m = read_metrics(run)
     s = json.loads((run / "summary.json").read_text())

@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--root", default=str(vs_trl.ROOT / "runs" / "fast_paths"))
     p.add_argument("--models", default=str(vs_trl.ROOT / "runs" / "bench_vs_trl" / "models"))
     a = p.parse_args(argv)
-    from lmpo.train.logging import read_metrics
+    from lmpo.io.logging import read_metrics
 
     root = Path(a.root)
     model = vs_trl.sft_start(a.size, Path(a.models), a.threads)

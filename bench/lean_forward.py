@@ -14,7 +14,7 @@ checked against HF's. Timings are interleaved A/B in one process (the order alte
 repetition); medians in ms:
 
 * train fwd+bwd: N prompt + completion rows (left-padded prompts, completions ending early), the
-  forward with ``logits_to_keep = T + 1`` as ``lmpo.train.forward`` calls it, a log-softmax scalar,
+  forward with ``logits_to_keep = T + 1`` as ``lmpo.rl.forward`` calls it, a log-softmax scalar,
   backward (gradients zeroed outside the timing);
 * prefill: the B distinct prompts, ``use_cache=True``, ``logits_to_keep=1`` (as the sampler does);
 * decode step: one new token for every row against a cache of ``cache`` positions (the cache is

@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     import torch
 
     from lmpo.config import load_config
-    from lmpo.train.logging import read_metrics
-    from lmpo.train.monitors import monitor_line
-    from lmpo.train.rl import train
+    from lmpo.io.logging import read_metrics
+    from lmpo.rl.monitors import monitor_line
+    from lmpo.rl.loop import train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)

@@ -17,7 +17,7 @@ whose PPOTrainer takes a reward *model*, a module that decodes each sequence and
 run is its own process under ``bench/vs_trl.py``'s measuring parent (peak RSS of that run alone).
 Step time: the median over steps after the first five; lmpo's from ``time/step_s``, TRL's between
 consecutive ``on_step_end`` callbacks. Held-out greedy / sampled accuracy at the end, both with
-``lmpo.train.evaluate`` on the same 200 rows.
+``lmpo.stages.evaluate`` on the same 200 rows.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def run_trl(spec: dict):
 
     from lmpo.data import addition_heldout, addition_rows
     from lmpo.rewards import addition_exact
-    from lmpo.train.evaluate import evaluate
+    from lmpo.stages.evaluate import evaluate
 
     tok = AutoTokenizer.from_pretrained(spec["model"])
     rows = addition_rows(20000, seed=0)
@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--root", default=str(ROOT / "runs" / "ppo_vs_trl"))
     a = p.parse_args(argv)
     from bench.vs_trl import run_measured
-    from lmpo.train.logging import read_metrics
+    from lmpo.io.logging import read_metrics
 
     root = Path(a.root)
     res = {}

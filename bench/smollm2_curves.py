@@ -16,7 +16,7 @@ def main(argv=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmpo.train.logging import read_metrics
+    from lmpo.io.logging import read_metrics
 
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="+")

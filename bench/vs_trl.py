@@ -16,7 +16,7 @@ tokens, learning rate (constant), beta = 0, clip 0.2, per-sequence token-mean lo
 advantages, temperature 1.0, steps, seed and CPU threads. Each run is its own subprocess, wrapped by
 a small measuring process (``_measure``) so peak RSS (getrusage RUSAGE_CHILDREN) and CPU time are
 that run's alone. TRL is the optional ``bench`` extra (``pip install 'lmpo[bench]'``), never a runtime
-dependency of lmpo. Held-out accuracy for both is ``lmpo.train.evaluate.evaluate`` on the same 200
+dependency of lmpo. Held-out accuracy for both is ``lmpo.stages.evaluate.evaluate`` on the same 200
 held-out rows (greedy, and sampled at temperature 1.0 with the run's seed), every ``--eval-every``
 steps; time-to-accuracy counts training step time only (evaluation and process start excluded, for
 both).
@@ -113,7 +113,7 @@ def sft_start(size: str, models: Path, threads: int, base: str = "") -> Path:
         return out
     from lmpo.config import SFTConfig
     from lmpo.models.tiny import build_tiny
-    from lmpo.train.sft import train_sft
+    from lmpo.stages.sft import train_sft
 
     spec = SIZES[size]
     init = build_tiny(models / f"{size}-init", **spec["model"])
@@ -134,7 +134,7 @@ def start_accuracy(model_dir: Path, size: str, seed: int) -> dict:
     from lmpo.data import addition_heldout
     from lmpo.models.load import load_causal_lm, load_tokenizer
     from lmpo.rewards import addition_exact
-    from lmpo.train.evaluate import evaluate
+    from lmpo.stages.evaluate import evaluate
 
     m, tok = load_causal_lm(str(model_dir), trainable=False), load_tokenizer(str(model_dir))
     kw = dict(max_new_tokens=SIZES[size]["new_tokens"], seed=seed)
@@ -185,7 +185,7 @@ def run_trl(spec: dict):
     from lmpo.data import addition_heldout, addition_rows
     from lmpo.models.load import load_tokenizer
     from lmpo.rewards import addition_exact, math_answer
-    from lmpo.train.evaluate import evaluate
+    from lmpo.stages.evaluate import evaluate
 
     G, P, T, K = spec["group"], spec["prompts"], spec["new_tokens"], spec["eval_every"]
     if spec.get("dataset"):     # the chat math task: TRL renders the chat prompts with the same template
@@ -336,7 +336,7 @@ def table(size: str, title: str, lm: dict, tr: dict) -> str:
 
 
 def bench_size(size: str, a, root: Path) -> str:
-    from lmpo.train.logging import read_metrics
+    from lmpo.io.logging import read_metrics
 
     s = SIZES[size]
     model = sft_start(size, Path(a.models or root / "models"), a.threads, a.base)

@@ -25,9 +25,9 @@ def _user_errors():
     from .data import DatasetError
     from .models.load import ModelError
 
-    from .train.ray_backend import WorkerError
+    from lmpo.launch.ray_backend import WorkerError
 
-    from .train.monitors import MonitorAlarm
+    from lmpo.rl.monitors import MonitorAlarm
 
     errs = [ConfigError, DatasetError, ModelError, WorkerError, MonitorAlarm]
     try:
@@ -75,10 +75,10 @@ def cmd_train(argv):
     path, overrides, flags = _split(argv, ("--resume",))
     cfg = load_config(path, overrides)
     if cfg.distributed.strategy != "none" and "LOCAL_RANK" not in os.environ and cfg.distributed.nproc > 1:
-        from .train.distributed import launch
+        from lmpo.parallel.torchrun import launch
 
         return launch(sys.argv[1:], cfg.distributed.nproc)
-    from .train.rl import train
+    from lmpo.rl.loop import train
 
     metrics = train(cfg, resume="--resume" in flags)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -91,7 +91,7 @@ def cmd_train(argv):
 
 def cmd_sft(argv):
     from .config import SFTConfig, help_text, load_config
-    from .train.sft import train_sft
+    from lmpo.stages.sft import train_sft
 
     if "-h" in argv or "--help" in argv:
         print("usage: lmpo sft [CONFIG.yaml] [key=value ...]\n\nkeys:\n" + help_text(SFTConfig))
@@ -107,8 +107,8 @@ def cmd_eval(argv):
     from .config import load_config
     from .data import addition_heldout, load_rows
     from .models.load import load_causal_lm, load_tokenizer
-    from .train.evaluate import eval_sources, held_out_accuracy
-    from .train.setup import reward_sources
+    from lmpo.stages.evaluate import eval_sources, held_out_accuracy
+    from lmpo.rl.setup import reward_sources
 
     if not argv or argv[0].startswith("-"):
         print("usage: lmpo eval MODEL_DIR [eval_dataset=FILE reward_funcs=[...] max_new_tokens=N ...]")
@@ -152,7 +152,7 @@ COMMANDS = {
     "train": cmd_train,
     "sft": cmd_sft,
     "eval": cmd_eval,
-    "rm": _module_main("lmpo.train.reward_model:main"),
+    "rm": _module_main("lmpo.stages.reward_model:main"),
     "compare": _module_main("lmpo.compare:main"),
     "serve-reward": _module_main("lmpo.rewards.serve:main"),
     "demo": _module_main("lmpo.demo:main"),
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         print(f"lmpo {cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from .train.stop import Interrupted
+        from lmpo.io.stop import Interrupted
 
         if isinstance(e, Interrupted):          # SIGINT / SIGTERM during training: 130 / 143
             print(f"lmpo {cmd}: {e.message()}", file=sys.stderr)

@@ -73,7 +73,7 @@ def write_report(rows: list[dict], out: Path):
 def summarize(name: str, run_dir: Path) -> dict:
     """One run's row: memory, time per step, and its curves against samples and training seconds
     (the sum of ``time/step_s``: evaluation and start-up excluded)."""
-    from .train.logging import read_metrics
+    from lmpo.io.logging import read_metrics
 
     metrics = read_metrics(run_dir)
     res = json.loads((run_dir / "summary.json").read_text())

@@ -435,7 +435,7 @@ def validate(cfg):
                     "reward_fail_steps"):
             positive(key, getattr(cfg, key), strict=False)
         for name in cfg.report_to:
-            from .train.logging import EXTRA, TRACKERS
+            from lmpo.io.logging import EXTRA, TRACKERS
 
             if name not in TRACKERS:
                 raise ConfigError(f"config key 'report_to' has {name!r}; allowed: {', '.join(TRACKERS)}.")

@@ -81,10 +81,10 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
     from .data import addition_heldout
     from .models.load import load_causal_lm, load_tokenizer, quiet_transformers
     from .rewards import addition_exact
-    from .train.evaluate import evaluate
-    from .train.monitors import monitor_line
-    from .train.reward_model import RMConfig, train_reward_model
-    from .train.sft import train_sft
+    from lmpo.stages.evaluate import evaluate
+    from lmpo.rl.monitors import monitor_line
+    from lmpo.stages.reward_model import RMConfig, train_reward_model
+    from lmpo.stages.sft import train_sft
 
     if threads:
         torch.set_num_threads(threads)

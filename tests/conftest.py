@@ -51,7 +51,7 @@ def sft_dir(tmp_path_factory) -> Path:
     with the right length and often the right leading digit, and gets a few sums exactly right."""
     from lmpo.config import SFTConfig
     from lmpo.models.tiny import build_tiny
-    from lmpo.train.sft import train_sft
+    from lmpo.stages.sft import train_sft
 
     base = build_tiny(tmp_path_factory.mktemp("warm_base"), seed=0, **WARM)
     out = tmp_path_factory.mktemp("warm_sft")

@@ -1,5 +1,5 @@
 """Loop-level oracles: a stand-in policy (a trainable tensor of log-probs) driven through the real
-``prepare`` and ``loss_fn`` of ``lmpo.train.rl``, against the formulas written out by hand here
+``prepare`` and ``loss_fn`` of ``lmpo.rl.loop``, against the formulas written out by hand here
 in plain Python (loops over rows and tokens, no lmpo function)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 
 from conftest import rl_config
 from lmpo.rollout import RolloutBatch
-from lmpo.train import rl
-from lmpo.train.setup import resolve_algorithm
+from lmpo.rl import loop as rl
+from lmpo.rl.setup import resolve_algorithm
 
 NAN = float("nan")
 TOL = 1e-6

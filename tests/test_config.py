@@ -137,7 +137,7 @@ def test_a_preset_and_an_estimator_registered_in_algorithms_alone_are_accepted_a
     register_advantage("my_adv")(zeros)
     try:
         cfg = load_config(None, ["algorithm=my_grpo"])
-        from lmpo.train.setup import resolve_algorithm
+        from lmpo.rl.setup import resolve_algorithm
 
         algo = resolve_algorithm(cfg)
         assert (algo.advantage, algo.eps_high) == ("my_adv", 0.3)

@@ -24,9 +24,9 @@ import pytest
 import torch
 from conftest import read_jsonl, rl_config, write_jsonl
 
-from lmpo.train.checkpoint import LATEST, find_checkpoint
-from lmpo.train.rl import train
-from lmpo.train.rundir import OutputError, locked
+from lmpo.io.checkpoint import LATEST, find_checkpoint
+from lmpo.rl.loop import train
+from lmpo.io.rundir import OutputError, locked
 
 # The reward: digits in the completion. LMPO_TEST_SIGNAL=SIG@STEP[xN] makes the process send itself
 # SIG (N times) while scoring step STEP; LMPO_TEST_FILL=PATH@STEP fills PATH's disk at that step.
@@ -250,7 +250,7 @@ def test_output_dir_problems_are_reported_before_any_model_loads(tiny_dir, files
         assert cli(*overrides(tiny_dir, files, out, model=no_model)) == 2
         err = capsys.readouterr().err
         assert words in err and str(out) in err and "Traceback" not in err
-    import lmpo.train.rundir as rundir
+    import lmpo.io.rundir as rundir
 
     real = shutil.disk_usage
     monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: real(p)._replace(free=5 * 2**20))
@@ -284,7 +284,7 @@ def _no_space_mid_run(out, err):
 def test_disk_full_while_saving_names_the_path_and_keeps_the_checkpoint(tiny_dir, files, straight, tmp_path, capsys,
                                                                         monkeypatch):
     """ENOSPC injected into the writer of state.pt in step 2's save."""
-    import lmpo.train.checkpoint as ck
+    import lmpo.io.checkpoint as ck
 
     real = ck.torch.save
 
@@ -328,7 +328,7 @@ def test_threads_follow_the_cpus_this_process_may_use(tmp_path):
     """With the affinity mask cut to one CPU (as taskset or a container would), torch gets one
     thread; OMP_NUM_THREADS and the 'threads' key take precedence."""
     from lmpo.config import load_config
-    from lmpo.train.setup import configure_threads, usable_cpus
+    from lmpo.rl.setup import configure_threads, usable_cpus
 
     cpus = sorted(os.sched_getaffinity(0))
 
@@ -350,7 +350,7 @@ def test_threads_follow_the_cpus_this_process_may_use(tmp_path):
 def test_oversubscribed_cores_warn(monkeypatch):
     import warnings
 
-    import lmpo.train.setup as setup
+    import lmpo.rl.setup as setup
 
     monkeypatch.setattr(setup, "usable_cpus", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
@@ -366,7 +366,7 @@ def test_oversubscribed_cores_warn(monkeypatch):
 @pytest.mark.parametrize("cpu_max, cpus", [("150000 100000", 2), ("50000 100000", 1), ("max 100000", None)])
 def test_cgroup_cpu_quota_caps_the_threads(tmp_path, monkeypatch, cpu_max, cpus):
     """A container granted 1.5 CPUs (cgroup v2 cpu.max) gets 2 threads, 0.5 CPUs 1, no quota all."""
-    import lmpo.train.setup as setup
+    import lmpo.rl.setup as setup
 
     (tmp_path / "cpu.max").write_text(cpu_max + "\n")
     monkeypatch.setattr(setup, "CGROUP", tmp_path)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import read_jsonl, rl_config
 
-from lmpo.train.rl import train
-from lmpo.train.checkpoint import find_checkpoint
+from lmpo.rl.loop import train
+from lmpo.io.checkpoint import find_checkpoint
 
 
 def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkeypatch):
@@ -97,7 +97,7 @@ def test_ppo_single_update_takes_old_logp_from_the_sampler(sft_dir, tmp_path, mo
     """With one update per rollout and KL in the reward, π_old's log-probs are the sampler's (same
     weights, full distribution): no policy forward before the update. Under top-p the sampler's
     distribution is not π_old's, so they are recomputed."""
-    import lmpo.train.rl as rl
+    import lmpo.rl.loop as rl
 
     calls = []
     real = rl.logp_of

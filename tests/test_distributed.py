@@ -19,8 +19,8 @@ import torch
 from conftest import REPO, read_jsonl, rl_overrides, run_lmpo, write_jsonl
 
 from lmpo.config import ConfigError, check_world, load_config
-from lmpo.train import distributed as D
-from lmpo.train.checkpoint import find_checkpoint
+from lmpo.parallel import torchrun as D
+from lmpo.io.checkpoint import find_checkpoint
 
 REWARD = "def digits(prompts, completions, **kw):\n    return [sum(c.isdigit() for c in s) / 4 for s in completions]\n"
 

@@ -42,7 +42,7 @@ def play(model, tok, factory, n_rows=2, G=3, **kw):
 
 
 def test_environment_tokens_are_context_but_not_loss(tiny):
-    from lmpo.train.forward import completion_logp
+    from lmpo.rl.forward import completion_logp
 
     model, tok, _ = tiny
     b = play(model, tok, Echo)
@@ -177,7 +177,7 @@ def test_turn_token_rewards_by_hand():
 
 
 def test_grpo_refuses_a_non_resettable_environment_unless_allowed(sft_dir, tmp_path):
-    from lmpo.train.setup import setup
+    from lmpo.rl.setup import setup
 
     cfg = rl_config(sft_dir, tmp_path / "a", **{"env.name": "addition_chain", "reward_funcs": ["env_reward"]})
     with pytest.raises(ConfigError, match="cannot be reset"):
@@ -193,7 +193,7 @@ def test_grpo_refuses_a_non_resettable_environment_unless_allowed(sft_dir, tmp_p
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_training_on_an_environment(sft_dir, tmp_path, algorithm):
-    from lmpo.train.rl import train
+    from lmpo.rl.loop import train
 
     extra = {"ppo.critic": "separate"} if algorithm == "ppo" else {}
     cfg = rl_config(sft_dir, tmp_path, algorithm=algorithm, max_steps=3, **{"env.name": "addition_retry",

@@ -7,7 +7,7 @@ import torch
 
 from lmpo.models.load import load_causal_lm, load_tokenizer
 from lmpo.rollout.sampler import rollout
-from lmpo.train import forward as F
+from lmpo.rl import forward as F
 
 PROMPTS = ["12+5=", "7+300=", "1+1=", "99+1="]
 

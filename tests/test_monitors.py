@@ -14,8 +14,8 @@ import torch
 from conftest import read_jsonl, rl_config, rl_overrides, run_lmpo
 from lmpo.config import ConfigError, MonitorConfig, load_config
 from lmpo.rollout import RolloutBatch
-from lmpo.train.monitors import MonitorAlarm, Monitors, distinct_fraction, group_similarity, monitor_line, probe_kl
-from lmpo.train.checkpoint import find_checkpoint
+from lmpo.rl.monitors import MonitorAlarm, Monitors, distinct_fraction, group_similarity, monitor_line, probe_kl
+from lmpo.io.checkpoint import find_checkpoint
 
 
 def test_signals_by_hand():
@@ -125,7 +125,7 @@ def test_bad_monitor_settings_name_the_key():
 
 
 def test_monitors_do_not_change_training(sft_dir, tmp_path):
-    from lmpo.train.rl import train
+    from lmpo.rl.loop import train
     from lmpo.models.load import load_causal_lm
 
     for on in (True, False):
@@ -149,7 +149,7 @@ WATCH = dict(group_size=8, prompts_per_step=4, max_new_tokens=6, learning_rate=1
 
 
 def test_exploitable_reward_raises_an_alarm_and_the_honest_one_does_not(sft_dir, tmp_path):
-    from lmpo.train.rl import train
+    from lmpo.rl.loop import train
 
     (tmp_path / "longer.py").write_text(LONGER)
     bound = 40

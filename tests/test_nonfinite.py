@@ -14,9 +14,9 @@ import torch
 
 from conftest import read_jsonl, rl_config, rl_overrides, run_lmpo
 from lmpo.config import ConfigError, load_config
-from lmpo.train.rl import train
-from lmpo.train.setup import resolve_algorithm
-from lmpo.train.checkpoint import find_checkpoint
+from lmpo.rl.loop import train
+from lmpo.rl.setup import resolve_algorithm
+from lmpo.io.checkpoint import find_checkpoint
 
 REWARDS = '''
 def huge(prompts, completions, **kw):
@@ -98,8 +98,8 @@ def test_rewards_infinite_in_float32_are_invalid_samples(tiny_dir, tmp_path, rew
 
 def test_huge_finite_rewards_give_finite_advantages(tiny_dir, tmp_path, rewards_file):
     """+-3e38 per group: float32 sums overflow; the statistics do not (A = +-sqrt(3)/2 here)."""
-    from lmpo.train import rl
-    from lmpo.train.setup import setup
+    from lmpo.rl import loop as rl
+    from lmpo.rl.setup import setup
 
     cfg = rl_config(tiny_dir, tmp_path / "o", beta=0.0, reward_funcs=[f"{rewards_file}:huge"])
     run = setup(cfg)
@@ -135,7 +135,7 @@ def test_divergence_is_skipped_counted_and_stops_with_exit_2(tiny_dir, tmp_path,
 def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
     """Weights poisoned during step 2: the step-1 checkpoint stays, nothing is written over it,
     no final/, and the run stops with DivergedError."""
-    from lmpo.train import rl
+    from lmpo.rl import loop as rl
 
     real_update = rl.update
 
@@ -156,7 +156,7 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_nan_metrics_are_strings_and_read_back_as_floats(tmp_path):
-    from lmpo.train.logging import MetricsLogger, read_metrics
+    from lmpo.io.logging import MetricsLogger, read_metrics
 
     log = MetricsLogger(tmp_path, progress=False)
     log.log(1, {"a": float("nan"), "b": float("inf"), "c": -float("inf"), "d": 1.5, "e": torch.tensor(float("nan"))})

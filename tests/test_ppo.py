@@ -7,7 +7,7 @@ import pytest
 from conftest import DIGITS_REWARD, read_jsonl, rl_config, write_jsonl
 
 from lmpo.data import addition_rows
-from lmpo.train.rl import train
+from lmpo.rl.loop import train
 
 
 

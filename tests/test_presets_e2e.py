@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import rl_config
-from lmpo.train.rl import train
-from lmpo.train.setup import setup
+from lmpo.rl.loop import train
+from lmpo.rl.setup import setup
 
 
 def _weights(path):
@@ -72,7 +72,7 @@ def test_corrections_together(sft_dir, tmp_path):
 def test_keep_sampling_mask_makes_old_and_new_logp_agree(sft_dir, tmp_path):
     """With top-k sampling the sampler's log-prob is over the kept support; with keep_sampling_mask
     the trainer recomputes it over the same support, so the two agree (ratio 1 before any update)."""
-    from lmpo.train import rl
+    from lmpo.rl import loop as rl
 
     cfg = rl_config(sft_dir, tmp_path / "ksm", top_k=3, temperature=1.0)
     cfg.algo.keep_sampling_mask = True
@@ -92,7 +92,7 @@ def test_sampler_logp_is_of_the_distribution_sampled_from(sft_dir, tmp_path):
     truncated, renormalised distribution it sampled from: the same numbers as with the kept
     support, above the trainer's full-vocabulary log-probs. Without truncation (top_p = 1,
     top_k = 0) it is the full distribution, which the trainer recomputes."""
-    from lmpo.train import rl
+    from lmpo.rl import loop as rl
 
     run = setup(rl_config(sft_dir, tmp_path / "s", top_k=3))
     kept, start = {}, run.prompts.state()
@@ -119,7 +119,7 @@ def test_process_supervision_step(sft_dir, tmp_path):
     worked out here by hand from the batch's step rewards: normalise every step reward of a group
     by the group's mean and unbiased std, then give each token the sum over the steps ending at or
     after it. Then a step of training changes the weights."""
-    from lmpo.train import rl
+    from lmpo.rl import loop as rl
 
     cfg = rl_config(sft_dir, tmp_path / "proc", reward_funcs=["addition_digit_steps"], beta=0.0)
     cfg.algo.advantage = "process"
@@ -151,7 +151,7 @@ def test_iterative_grpo_resets_the_reference(sft_dir, tmp_path):
     cfg = rl_config(sft_dir, tmp_path / "it", max_steps=2, beta=0.1, learning_rate=5e-3)
     cfg.iterative.ref_reset_steps = 1
     run = setup(cfg)
-    from lmpo.train import rl
+    from lmpo.rl import loop as rl
 
     t = rl.Timer()
     batch, _ = rl.collect(run, t)
@@ -181,7 +181,7 @@ def test_keep_routing_on_a_tiny_moe(tmp_path):
     tok.save_pretrained(tmp_path / "moe")
     rc = rl_config(tmp_path / "moe", tmp_path / "out", max_steps=1, beta=0.0)
     rc.algo.keep_routing = True
-    from lmpo.train import rl
+    from lmpo.rl import loop as rl
 
     run = setup(rc)
     batch, _ = rl.collect(run, rl.Timer())

@@ -28,7 +28,7 @@ def _weights(model_dir: Path) -> dict:
 def test_ray_sync_equals_one_process(sft_dir, tmp_path):
     """Two rollout workers and two reward workers give the single-process run's samples, rewards
     and weights (the per-group seeds make a group's samples independent of the worker)."""
-    from lmpo.train.rl import train
+    from lmpo.rl.loop import train
 
     kw = dict(beta=0.0, max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=5, eval_samples=4)
     train(rl_config(sft_dir, tmp_path / "one", **kw))
@@ -49,7 +49,7 @@ def test_ray_sync_equals_one_process(sft_dir, tmp_path):
 def test_ray_async_staleness_is_bounded(sft_dir, tmp_path):
     """max_staleness=1: every batch comes from weights at most one update old, the lag is measured
     per row, and the truncated importance weights correct it."""
-    from lmpo.train.rl import train
+    from lmpo.rl.loop import train
 
     out = tmp_path / "async"
     train(rl_config(sft_dir, out, beta=0.0, max_steps=5, prompts_per_step=4, group_size=4, eval_samples=4,
@@ -64,7 +64,7 @@ def test_ray_async_staleness_is_bounded(sft_dir, tmp_path):
 
 def test_ray_config_errors(tiny_dir, tmp_path):
     from lmpo.config import ConfigError
-    from lmpo.train.rl import train
+    from lmpo.rl.loop import train
 
     with pytest.raises(ConfigError, match="distributed.strategy"):
         train(rl_config(tiny_dir, tmp_path / "a", **{"distributed.backend": "ray", "distributed.strategy": "ddp"}))
@@ -112,7 +112,7 @@ def test_killed_rollout_worker_is_restarted(tiny_dir, tmp_path):
 def test_killed_worker_past_restarts_stops_with_checkpoint_and_resumes(tiny_dir, tmp_path):
     """Killed during step 3, the worker fails step 4's rollout: the run stops with exit 2 and a
     checkpoint of step 3 (the last whole step, not only every save_steps), and resumes from it."""
-    from lmpo.train.checkpoint import find_checkpoint
+    from lmpo.io.checkpoint import find_checkpoint
 
     out = tmp_path / "run"
     r = run_lmpo(_ray_run(tiny_dir, tmp_path, out, 50, restarts=0, kill_at=3), tmp_path, timeout=1200)
@@ -135,7 +135,7 @@ def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(
 
     from conftest import REPO
 
-    from lmpo.train.checkpoint import find_checkpoint
+    from lmpo.io.checkpoint import find_checkpoint
 
     out = tmp_path / "run"
     args = rl_overrides(tiny_dir, out, beta=0.0, max_steps=100_000, save_steps=100_000, eval_samples=2,
@@ -162,7 +162,7 @@ def test_scale_out_examples_are_valid_configs():
     from conftest import REPO
 
     from lmpo.config import load_config
-    from lmpo.train.setup import resolve_algorithm
+    from lmpo.rl.setup import resolve_algorithm
 
     ray_cfg = load_config(str(REPO / "examples" / "addition_ray_async.yaml"), [])   # load_config runs the Ray checks
     assert ray_cfg.distributed.backend == "ray"

@@ -19,7 +19,7 @@ from lmpo.data import render_prompt
 from lmpo.models.load import PACKAGED_MODELS, load_tokenizer
 from lmpo.rollout import rollout
 from lmpo.rollout.sampler import end_of_turn_id, stop_token_ids
-from lmpo.train.forward import completion_logp
+from lmpo.rl.forward import completion_logp
 
 
 def _gguf_path():

@@ -12,7 +12,7 @@ from lmpo.data.datasets import DatasetError
 from lmpo.data.preferences import addition_preferences, load_preferences, wrong_sum
 from lmpo.models.tiny import build_tiny
 from lmpo.rewards.reward_model import RewardModelScorer
-from lmpo.train.reward_model import RMConfig, bradley_terry_loss, continue_training, main, train_reward_model
+from lmpo.stages.reward_model import RMConfig, bradley_terry_loss, continue_training, main, train_reward_model
 
 
 @pytest.fixture(autouse=True)

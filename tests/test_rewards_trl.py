@@ -58,7 +58,7 @@ def chat_model(tmp_path_factory):
 
     from lmpo.config import SFTConfig
     from lmpo.models.tiny import build_tiny
-    from lmpo.train.sft import train_sft
+    from lmpo.stages.sft import train_sft
 
     base = build_tiny(tmp_path_factory.mktemp("chat_base"), seed=0, **TINY)
     tok = AutoTokenizer.from_pretrained(base)

@@ -9,7 +9,7 @@ import torch
 
 from lmpo.models.tiny import build_model, build_tokenizer
 from lmpo.rollout import filter_logits, generate, rollout
-from lmpo.train.forward import completion_logp
+from lmpo.rl.forward import completion_logp
 
 PROMPTS = ["12+34=", "7+5=", "99+99="]          # different lengths: left padding matters
 G, T = 4, 6
@@ -101,7 +101,7 @@ def test_top_k_one_is_greedy_and_greedy_is_deterministic(model, tok):
     assert torch.equal(greedy.completion_ids, top1.completion_ids)
     # greedy picks the argmax of the full forward at every real position
     with torch.no_grad():
-        from lmpo.train.forward import model_forward
+        from lmpo.rl.forward import model_forward
 
         logits, _ = model_forward(model, greedy, greedy.completion_ids.shape[1])
     m = greedy.mask > 0
@@ -146,7 +146,7 @@ def test_top_p_samples_only_the_support(model, tok):
     """With top_p small enough, every sampled token is in the (recomputed) nucleus."""
     b = _rollout(model, tok, seed=3, top_p=0.3)
     with torch.no_grad():
-        from lmpo.train.forward import model_forward
+        from lmpo.rl.forward import model_forward
 
         logits, _ = model_forward(model, b, b.completion_ids.shape[1])
     allowed = torch.isfinite(filter_logits(logits.reshape(-1, logits.shape[-1]), top_p=0.3)).view(logits.shape)

@@ -11,7 +11,7 @@ from lmpo.config import SFTConfig
 from lmpo.data import DatasetError, addition_heldout
 from lmpo.models.load import load_causal_lm, load_tokenizer
 from lmpo.models.tiny import build_model, build_tokenizer
-from lmpo.train.sft import completion_nll, encode_pairs, train_sft
+from lmpo.stages.sft import completion_nll, encode_pairs, train_sft
 
 
 def test_labels_only_on_completion_tokens():

@@ -11,7 +11,7 @@ from conftest import DIGITS_REWARD, read_jsonl, rl_config, write_jsonl
 
 from lmpo.data import addition_rows
 from lmpo.rewards.errors import RewardError
-from lmpo.train.rl import train
+from lmpo.rl.loop import train
 
 REQUIRED_KEYS = ["step", "reward/mean", "reward/std", "kl", "loss", "actor/clip_frac", "entropy",
                  "completion/mean_length", "frac_zero_std_groups", "time/step_s"]
@@ -68,7 +68,7 @@ def test_grpo_steps_change_weights_and_write_outputs(sft_dir, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, "GRPO steps left most weights unchanged"
 
-    from lmpo.train.checkpoint import find_checkpoint
+    from lmpo.io.checkpoint import find_checkpoint
 
     ckpt = find_checkpoint(out)
     assert ckpt.name == "step-00000003"                              # the last save (step 2's is removed)
@@ -80,7 +80,7 @@ def test_grpo_steps_change_weights_and_write_outputs(sft_dir, tmp_path):
 
 
 def test_beta_zero_loads_no_reference(sft_dir, tmp_path):
-    from lmpo.train.setup import setup
+    from lmpo.rl.setup import setup
 
     assert setup(rl_config(sft_dir, tmp_path / "a", beta=0.0)).ref is None
     run = setup(rl_config(sft_dir, tmp_path / "b", beta=0.04))
@@ -117,8 +117,8 @@ def test_resume_without_checkpoint_starts_from_step_0_and_says_so(sft_dir, tmp_p
 
 
 def test_failing_samples_get_no_gradient(sft_dir, tmp_path):
-    from lmpo.train import rl
-    from lmpo.train.setup import setup
+    from lmpo.rl import loop as rl
+    from lmpo.rl.setup import setup
 
     (tmp_path / "flaky.py").write_text(FLAKY)
     spec = f"{tmp_path / 'flaky.py'}:flaky"
@@ -184,7 +184,7 @@ def test_lora_uses_the_base_as_reference_and_resumes(sft_dir, tmp_path):
     2 + 2 steps give the weights of 4 straight steps."""
     from transformers import AutoModelForCausalLM
 
-    from lmpo.train.setup import setup
+    from lmpo.rl.setup import setup
 
     kw = dict(lora_r=4, beta=0.05, learning_rate=1e-2, save_steps=1, log_samples=0)
     cfg = rl_config(sft_dir, tmp_path / "a", max_steps=4, **kw)

@@ -23,7 +23,7 @@ from lmpo.rollout import RolloutBatch, rollout
 from lmpo.rollout.engine import SamplingSpec
 from lmpo.rollout.vllm_engine import (Completion, VLLMEngine, VLLMServerError, completion_from_openai,
                                       completion_from_vllm, encode_prompts, save_weights, to_rollout_batch)
-from lmpo.train.forward import completion_logp
+from lmpo.rl.forward import completion_logp
 
 PROMPTS = ["12+34=", "7+5=", "99+99="]          # different lengths: left padding matters
 ROWS = [{"i": i} for i in range(len(PROMPTS))]

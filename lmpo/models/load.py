@@ -214,7 +214,7 @@ def embedded_model(progress: bool = True) -> Path:
     if (out / "config.json").exists():
         return out
     from ..config import SFTConfig
-    from ..train.sft import train_sft
+    from lmpo.stages.sft import train_sft
 
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     # the demo's warm start: stop once greedy validation accuracy reaches 0.4 (room left for RL)

@@ -108,7 +108,7 @@ def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def make_engine(run) -> RolloutEngine:
     """The engine named by ``rollout.engine`` for a single-process (or torchrun) run."""
-    from ..train import distributed as D
+    from lmpo.parallel import torchrun as D
 
     name = run.cfg.rollout.engine
     if name == "builtin":

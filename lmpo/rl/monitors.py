@@ -102,7 +102,7 @@ class Monitors:
             return _Off()
         verifier = None
         if cfg.verifier:
-            from ..rewards.combine import resolve_reward_funcs
+            from lmpo.rewards.combine import resolve_reward_funcs
 
             verifier = resolve_reward_funcs([cfg.verifier])[0][1]
         stop = not run.world.multi       # torchrun: each rank sees its own share, so alarms only warn
@@ -177,7 +177,7 @@ class Monitors:
 
     @torch.no_grad()
     def _probe_kl(self, run, batch):
-        from .forward import completion_logp
+        from lmpo.rl.forward import completion_logp
 
         st = self.state
         if "probe" not in st:               # the first batch: samples of the start policy and their log-probs
@@ -191,7 +191,7 @@ class Monitors:
             return None
         if run.step % self.cfg.kl_every:
             return None
-        from ..rollout import RolloutBatch
+        from lmpo.rollout import RolloutBatch
 
         p = st["probe"]
         dev = batch.mask.device
@@ -301,7 +301,7 @@ class _Off:
 def monitor_line(output_dir) -> str:
     """The monitors' state of a finished (or running) run in one line, from its metrics.jsonl and
     alarms.jsonl: ``monitors ok`` or the alarms, then the latest value of each signal."""
-    from .logging import read_metrics
+    from lmpo.io.logging import read_metrics
 
     out = Path(output_dir)
     rows = read_metrics(out)

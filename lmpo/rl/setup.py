@@ -12,14 +12,14 @@ from pathlib import Path
 
 import torch
 
-from ..algorithms import overlong_buffer_tokens
-from ..config import Config, ConfigError, resolved_preset, to_dict, validate
-from ..data import addition_heldout, load_rows, render_prompt
-from ..data.datasets import check_prompt_lengths
-from ..data.tasks import ADDITION
-from ..models.load import ModelError, _looks_like_hub_id, context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
-from . import distributed as D
-from .checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from lmpo.algorithms import overlong_buffer_tokens
+from lmpo.config import Config, ConfigError, resolved_preset, to_dict, validate
+from lmpo.data import addition_heldout, load_rows, render_prompt
+from lmpo.data.datasets import check_prompt_lengths
+from lmpo.data.tasks import ADDITION
+from lmpo.models.load import ModelError, _looks_like_hub_id, context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
+from lmpo.parallel import torchrun as D
+from lmpo.io.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
 
 class PromptStream:
@@ -138,18 +138,18 @@ class Run:
 
 
 def reward_sources(cfg: Config):
-    from ..rewards.combine import resolve_reward_funcs
+    from lmpo.rewards.combine import resolve_reward_funcs
 
     sources = resolve_reward_funcs(list(cfg.reward_funcs))
     if cfg.reward_model:
-        from ..rewards.reward_model import RewardModelScorer
+        from lmpo.rewards.reward_model import RewardModelScorer
 
         try:
             sources.append(("reward_model", RewardModelScorer(cfg.reward_model)))
         except (OSError, ValueError) as e:
             raise ModelError(f"reward_model '{cfg.reward_model}' could not be loaded as a reward model: {e}") from None
     if cfg.reward_url:
-        from ..rewards.remote import RemoteReward
+        from lmpo.rewards.remote import RemoteReward
 
         sources.append(("reward_url", RemoteReward(cfg.reward_url)))
     weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(sources)
@@ -256,7 +256,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         eval_rows = addition_heldout(cfg.eval_samples)
     ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
                          what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
-    from ..models.load import resolve_model
+    from lmpo.models.load import resolve_model
 
     cfg.model = resolve_model(cfg.model)                            # a packaged name (smollm2): its HF directory
     if cfg.model and not Path(cfg.model).exists() and not _looks_like_hub_id(cfg.model):
@@ -284,7 +284,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     critic = value_head = critic_opt = None
     params = [p for p in policy.parameters() if p.requires_grad]
     if algo.critic == "separate":
-        from ..models.value import load_value_model
+        from lmpo.models.value import load_value_model
 
         if ckpt and (ckpt / "critic").exists():
             critic = load_value_model(str(ckpt / "critic"), tokenizer, from_reward_model=True).to(device)
@@ -296,7 +296,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.ppo.critic_learning_rate or cfg.learning_rate * 5,
                                        weight_decay=cfg.weight_decay)
     elif algo.critic == "shared":
-        from ..models.value import ValueHead
+        from lmpo.models.value import ValueHead
 
         value_head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)
         params += list(value_head.parameters())
@@ -317,7 +317,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
               ptx_rows=ptx_rows)
     if ckpt:
         _restore(run, ckpt)
-    from .rl import attach
+    from lmpo.rl.loop import attach
 
     attach(run)                                                     # rollout engine and scorer (here, or Ray actors)
     return run

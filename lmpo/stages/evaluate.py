@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..data import render_prompt
-from ..rewards.combine import compute_rewards, resolve_reward_funcs, reward_inputs
-from ..rewards.process import is_process_reward
-from ..rollout import rollout
+from lmpo.data import render_prompt
+from lmpo.rewards.combine import compute_rewards, resolve_reward_funcs, reward_inputs
+from lmpo.rewards.process import is_process_reward
+from lmpo.rollout import rollout
 
 
 @torch.no_grad()

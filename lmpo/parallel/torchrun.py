@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import check_world
-from ..models.load import save_pretrained_as_hf
-from ..rollout.batch import cat_padded
+from lmpo.config import check_world
+from lmpo.models.load import save_pretrained_as_hf
+from lmpo.rollout.batch import cat_padded
 
 
 @dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import SFTConfig
-from ..data import DatasetError, load_rows, render_prompt
-from ..models.load import load_causal_lm, load_tokenizer, resolve_device
+from lmpo.config import SFTConfig
+from lmpo.data import DatasetError, load_rows, render_prompt
+from lmpo.models.load import load_causal_lm, load_tokenizer, resolve_device
 
 
 def encode_pairs(tokenizer, prompts: list[str], completions: list[str]):
@@ -44,12 +44,12 @@ def completion_nll(model, ids, attn, labels):
 
 def validation_accuracy(model, tokenizer, rows: list[dict]) -> float:
     """Greedy exact match of the generated completion against the ``completion`` column."""
-    from .evaluate import evaluate
+    from lmpo.stages.evaluate import evaluate
 
     n_new = max(len(tokenizer(str(r["completion"]), add_special_tokens=False)["input_ids"]) for r in rows) + 1
 
     def exact(prompts, completions, gold, **_):
-        from ..rewards.text import as_text
+        from lmpo.rewards.text import as_text
 
         return [float(as_text(c).strip() == str(g).strip()) for c, g in zip(completions, gold)]
 
@@ -69,7 +69,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     """Train, save model and tokenizer to ``cfg.output_dir``, return the final metrics."""
     from tqdm.auto import tqdm
 
-    from ..models.tiny import build_model, build_tokenizer
+    from lmpo.models.tiny import build_model, build_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -17,8 +17,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import ConfigError
-from .checkpoint import CHECKPOINTS, LEGACY, clean_stale, find_checkpoint
+from lmpo.config import ConfigError
+from lmpo.io.checkpoint import CHECKPOINTS, LEGACY, clean_stale, find_checkpoint
 
 LOCK = "lmpo.lock"
 MIN_FREE_MIB = 64
@@ -108,7 +108,7 @@ def start_fresh(out: Path, overwrite: bool):
 def guard(cfg, resume: bool):
     """Everything above, for the process that writes (rank 0, or the driver of a Ray run); no-op in
     other ranks and in the Ray learner (its driver holds the lock)."""
-    from . import distributed as D
+    from lmpo.parallel import torchrun as D
 
     if D.in_ray_learner() or os.environ.get("RANK", "0") != "0":
         yield

@@ -40,8 +40,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ..config import ConfigError, validate
-from .distributed import combine_metrics
+from lmpo.config import ConfigError, validate
+from lmpo.parallel.torchrun import combine_metrics
 
 
 class WorkerError(RuntimeError):
@@ -92,7 +92,7 @@ def launch(cfg, resume: bool = False) -> dict:
         with _forward_signals(*ray.get(learner.where.remote(), timeout=d.ray_timeout_s)) as got:
             out = ray.get(learner.train.remote(cfg, resume, pg))
         if isinstance(out, dict) and "_interrupted" in out:          # stopped on a forwarded signal
-            from .stop import Interrupted
+            from lmpo.io.stop import Interrupted
 
             step, ckpt, at_once = out["_interrupted"]
             raise Interrupted(got[0] if got else signal.SIGTERM, step, ckpt, at_once)
@@ -145,8 +145,8 @@ class _Learner:
         _PLACEMENT["pg"] = pg
         if cfg.threads is None:
             torch.set_num_threads(1)
-        from .rl import train
-        from .stop import Interrupted
+        from lmpo.rl.loop import train
+        from lmpo.io.stop import Interrupted
 
         try:
             return train(cfg, resume=resume)
@@ -164,8 +164,8 @@ class RolloutWorker:
     """A copy of the policy and the built-in engine; weights arrive from the learner."""
 
     def __init__(self, model_dir: str, tokenizer, threads: int, gpu: bool = False):
-        from ..models.load import load_causal_lm
-        from ..rollout.engine import BuiltinEngine
+        from lmpo.models.load import load_causal_lm
+        from lmpo.rollout.engine import BuiltinEngine
 
         torch.set_num_threads(threads)
         device = torch.device("cuda" if gpu else "cpu")
@@ -189,7 +189,7 @@ class RewardWorker:
     """The run's reward sources; scores batches exactly as ``rl.score`` does in one process."""
 
     def __init__(self, cfg, algo):
-        from .setup import reward_sources
+        from lmpo.rl.setup import reward_sources
 
         sources, weights = reward_sources(cfg)
         self.view = SimpleNamespace(cfg=cfg, algo=algo, reward_sources=sources, reward_weights=weights, extra={})
@@ -198,7 +198,7 @@ class RewardWorker:
         return os.getpid()
 
     def score(self, batch, state=None):
-        from .rl import score
+        from lmpo.rl.loop import score
 
         stats = score(self.view, batch, state)
         return {"rewards": batch.rewards, "valid": batch.valid, "step_rewards": batch.step_rewards,
@@ -309,7 +309,7 @@ class RolloutPool:
     def update_weights(self, model, version: int):
         """Snapshot the learner's weights into the object store (in the learner's thread, so a
         background collection never reads half-updated parameters)."""
-        from ..models.load import hf_weights
+        from lmpo.models.load import hf_weights
 
         ref = self.ray.put({k: v.cpu().clone() for k, v in hf_weights(model).items()})
         with self.lock:
@@ -325,7 +325,7 @@ class RolloutPool:
         self.sent[i] = -1                                         # a restarted worker has its initial weights
 
     def generate(self, prompts, rows, seeds, spec):
-        from ..rollout import RolloutBatch
+        from lmpo.rollout import RolloutBatch
 
         with self.lock:
             ref, version = self.weights, self.version
@@ -372,7 +372,7 @@ class RewardPool:
             part.rewards, part.valid, part.step_rewards, part.step_ends, part.reward_details = (
                 out["rewards"], out["valid"], out["step_rewards"], out["step_ends"], out["reward_details"])
             parts_b.append(part)
-        from ..rollout import RolloutBatch
+        from lmpo.rollout import RolloutBatch
 
         merged = RolloutBatch.cat(parts_b)
         for f in ("rewards", "valid", "step_rewards", "step_ends", "reward_details"):
@@ -398,7 +398,7 @@ class Prefetch:
     batch of step s from weights of version ≥ s − K; ``next`` hands the loop the next finished one."""
 
     def __init__(self, run, max_staleness: int):
-        from .rl import Timer, collect
+        from lmpo.rl.loop import Timer, collect
 
         self.run, self.K = run, max_staleness
         self.ready: queue.Queue = queue.Queue()

@@ -42,7 +42,7 @@ def retrain_reward_model(scorer, new_pairs: list[dict], history: list[dict], out
     """Continue training the reward model behind ``scorer`` on ``new_pairs`` with ``replay_frac`` of
     each batch drawn from ``history``. The user's reward-model directory is never written: the model
     is copied to ``output_dir/reward_model`` first and trained there; the scorer is reloaded."""
-    from .reward_model import continue_training
+    from lmpo.stages.reward_model import continue_training
 
     own = Path(output_dir) / "reward_model"
     if Path(scorer.path).resolve() != own.resolve():

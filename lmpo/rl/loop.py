@@ -15,19 +15,19 @@ from pathlib import Path
 
 import torch
 
-from .. import algorithms as A
-from ..config import Config, ConfigError, to_dict
-from ..data import render_prompt
-from ..rollout import RolloutBatch
-from ..rollout.engine import SamplingSpec, make_engine
-from . import distributed as D
-from .forward import completion_logp, sequence_inputs
-from .checkpoint import no_space
-from .logging import MetricsLogger
-from .monitors import Monitors
-from .rundir import guard, no_space_error
-from .setup import Run, checkpoint, rewind, setup, step_mark
-from .stop import Interrupted, StopSignals
+from lmpo import algorithms as A
+from lmpo.config import Config, ConfigError, to_dict
+from lmpo.data import render_prompt
+from lmpo.rollout import RolloutBatch
+from lmpo.rollout.engine import SamplingSpec, make_engine
+from lmpo.parallel import torchrun as D
+from lmpo.rl.forward import completion_logp, sequence_inputs
+from lmpo.io.checkpoint import no_space
+from lmpo.io.logging import MetricsLogger
+from lmpo.rl.monitors import Monitors
+from lmpo.io.rundir import guard, no_space_error
+from lmpo.rl.setup import Run, checkpoint, rewind, setup, step_mark
+from lmpo.io.stop import Interrupted, StopSignals
 
 
 class DivergedError(ConfigError):
@@ -51,7 +51,7 @@ def train(cfg: Config, resume: bool = False) -> dict:
     try:
         with guard(cfg, resume):                                    # output_dir checked and locked before any model loads
             if cfg.distributed.backend == "ray" and not D.in_ray_learner():
-                from .ray_backend import launch
+                from lmpo.launch.ray_backend import launch
 
                 return launch(cfg, resume)                          # the learner actor comes back here
             with StopSignals() as stop:
@@ -130,13 +130,13 @@ def attach(run: Run):
     """Who generates and who scores: the engine named by ``rollout.engine`` and ``score`` in this
     process, or (``distributed.backend: ray``) pools of rollout and reward worker actors."""
     if run.cfg.distributed.backend == "ray":
-        from .ray_backend import attach_workers
+        from lmpo.launch.ray_backend import attach_workers
 
         attach_workers(run)
     else:
         run.engine = make_engine(run)
         if run.cfg.env.name:                                 # multi-turn episodes with an environment
-            from ..rollout.env import make_env_engine
+            from lmpo.rollout.env import make_env_engine
 
             run.engine = make_env_engine(run, run.engine)
         run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
@@ -208,7 +208,7 @@ def sampling_spec(run: Run) -> SamplingSpec:
 def reward_state(run: Run, step: int | None = None):
     """The ``trainer_state`` reward functions get: steps done before this one, max_steps, and the
     passes over the prompt dataset before this step's prompts."""
-    from ..rewards.combine import TrainerState
+    from lmpo.rewards.combine import TrainerState
 
     stream = run.prompts
     return TrainerState(global_step=run.step if step is None else step, max_steps=run.cfg.max_steps,
@@ -220,8 +220,8 @@ def score(run: Run, batch: RolloutBatch, state=None) -> dict:
     sources fill batch.step_rewards / step_ends; DAPO's overlong shaping is added to the reward.
     Every source is called as TRL calls it (``lmpo.rewards.combine``); one that gives nothing on
     every sample for ``reward_fail_steps`` consecutive batches stops the run."""
-    from ..rewards.combine import TrainerState, compute_rewards, reward_inputs, watch_total_failure
-    from ..rewards.process import is_process_reward
+    from lmpo.rewards.combine import TrainerState, compute_rewards, reward_inputs, watch_total_failure
+    from lmpo.rewards.process import is_process_reward
 
     cfg, state = run.cfg, state or TrainerState(max_steps=run.cfg.max_steps)
     prompts, completions, columns = reward_inputs(batch.rows, batch.completions)      # TRL's two forms
@@ -251,7 +251,7 @@ def score(run: Run, batch: RolloutBatch, state=None) -> dict:
             d["rewards"] = {name: _finite(values[i]) for name, values in res.per_func.items()}
             d["extra"] = {col: values[i] for col, values in res.extra.items()}
         if run.cfg.iterative.rm_retrain:  # verifier-labelled pairs from this policy, for the next RM update
-            from .iterative import group_pairs, verifier_labels
+            from lmpo.rl.iterative import group_pairs, verifier_labels
 
             labels = verifier_labels(res.per_func, {name: w for (name, _), w in outcome})
             run.extra.setdefault("rm_new_pairs", []).extend(
@@ -279,8 +279,8 @@ def process_rewards(batch: RolloutBatch, process: list, prompts: list, completio
     """Call the (single) process reward source; fill batch.step_rewards [N, S] (NaN-padded) and
     batch.step_ends [N, S] (-1-padded). Returns each sample's mean step reward (NaN if none),
     {name: first error} when the source failed or gave None on every sample, and its log_metric values."""
-    from ..rewards.combine import RewardLogs, TrainerState, call_all, check_arguments, describe
-    from ..rewards.errors import RewardError
+    from lmpo.rewards.combine import RewardLogs, TrainerState, call_all, check_arguments, describe
+    from lmpo.rewards.errors import RewardError
 
     if len(process) > 1:
         raise RewardError(f"only one process reward source may be used, got {[s[0] for s, _ in process]}.")
@@ -418,7 +418,7 @@ def ref_logp_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
 
 
 def values_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
-    from ..models.value import token_values
+    from lmpo.models.value import token_values
 
     ids, attn, pos = sequence_inputs(batch)
     with autocast(run):
@@ -524,7 +524,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
         if mb.values_live is not None:
             values = mb.values_live                        # computed in prepare with its graph
         elif algo.critic == "separate":
-            from ..models.value import token_values
+            from lmpo.models.value import token_values
 
             ids, attn, pos = sequence_inputs(mb)
             with autocast(run):
@@ -542,7 +542,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
 
 def ptx_loss(run: Run, share: float) -> torch.Tensor:
     """PPO-ptx (InstructGPT): a language-modelling loss on SFT / pretraining pairs."""
-    from .sft import completion_nll, encode_pairs
+    from lmpo.stages.sft import completion_nll, encode_pairs
 
     rows = run.ptx_rows
     g = torch.Generator().manual_seed(run.cfg.seed + run.step)
@@ -641,7 +641,7 @@ def iterative_reset(run: Run, metrics: dict):
         run.ref.load_state_dict(run.policy.state_dict())
         metrics["iterative/reset"] = 1
     if cfg.iterative.rm_retrain and run.extra.get("rm_new_pairs"):
-        from .iterative import retrain_reward_model
+        from lmpo.rl.iterative import retrain_reward_model
 
         scorer = dict(run.reward_sources)["reward_model"]
         new = run.extra.pop("rm_new_pairs")
@@ -685,7 +685,7 @@ def peak_rss_mib() -> float:
 
 def write_summary(run: Run, metrics: dict, wall_s: float):
     """summary.json: final metrics, wall time, peak RSS and the bytes each trained model holds."""
-    from ..models.value import param_bytes
+    from lmpo.models.value import param_bytes
 
     state = {"policy": param_bytes(run.policy, run.optimizer)}
     if run.critic is not None:
@@ -701,7 +701,7 @@ def write_summary(run: Run, metrics: dict, wall_s: float):
 
 
 def evaluate_policy(run: Run) -> dict:
-    from .evaluate import eval_sources, held_out_accuracy
+    from lmpo.stages.evaluate import eval_sources, held_out_accuracy
 
     sources, weights = eval_sources(run.cfg, run.reward_sources, run.reward_weights)
     if not sources:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..algorithms import sampling_support_logp
-from ..models.load import cache_kw, output_cache
+from lmpo.algorithms import sampling_support_logp
+from lmpo.models.load import cache_kw, output_cache
 
 
 def sequence_inputs(batch):
@@ -30,7 +30,7 @@ def model_forward(model, batch, T: int, hidden: bool = False, **extra):
     states there when ``hidden``). With ``batch.routing`` (keep routing) every MoE router is forced
     to the experts recorded at sampling."""
     if batch.routing is not None:
-        from ..models.moe import RoutingReplay
+        from lmpo.models.moe import RoutingReplay
 
         with RoutingReplay(model, batch.routing):
             return _model_forward(model, batch, T, hidden, **extra)

@@ -45,7 +45,7 @@ class StopSignals:
         self.signum, self.old = None, {}
 
     def __enter__(self):
-        from .distributed import in_ray_learner
+        from lmpo.parallel.torchrun import in_ray_learner
 
         if threading.current_thread() is threading.main_thread():
             # the Ray learner shares the driver's terminal: only the driver's forwarded SIGTERM counts
@@ -68,7 +68,7 @@ class StopSignals:
     def requested(self, run) -> int | None:
         if not run.world.multi:
             return self.signum
-        from . import distributed as D
+        from lmpo.parallel import torchrun as D
 
         got = D.all_sum(run, {s: torch.tensor(float(self.signum == s), device=run.device) for s in self.SIGNALS})
         return next((int(s) for s in reversed(self.SIGNALS) if got[s] > 0), None)     # SIGTERM first

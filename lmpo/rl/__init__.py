@@ -1,0 +1,1 @@
+"""The RL loop: collect, prepare, update, loss; building a run; the training forward."""

@@ -1,0 +1,1 @@
+"""The stages around RL: SFT, reward-model training, evaluation."""
