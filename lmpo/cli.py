@@ -78,7 +78,7 @@ def cmd_train(argv):
         from lmpo.parallel.torchrun import launch
 
         return launch(sys.argv[1:], cfg.distributed.nproc)
-    from lmpo.rl.loop import train
+    from lmpo.launch import train
 
     metrics = train(cfg, resume="--resume" in flags)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports

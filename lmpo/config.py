@@ -39,6 +39,9 @@ def _preset_choices(key: str, none: bool = True):
     return lambda: ([None] if none else []) + list(preset_choices(key))
 
 
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # report_to: each is also the name of its extra
+
 @dataclass
 class AlgoConfig:
     """The algorithm's independent choices. ``None`` takes the value of the preset named by
@@ -435,15 +438,13 @@ def validate(cfg):
                     "reward_fail_steps"):
             positive(key, getattr(cfg, key), strict=False)
         for name in cfg.report_to:
-            from lmpo.io.logging import EXTRA, TRACKERS
-
             if name not in TRACKERS:
                 raise ConfigError(f"config key 'report_to' has {name!r}; allowed: {', '.join(TRACKERS)}.")
             import importlib.util
 
             if importlib.util.find_spec(name) is None:
                 raise ConfigError(f"config key 'report_to' names {name!r}, which is not installed: "
-                                  f"pip install 'lmpo[{EXTRA[name]}]'.")
+                                  f"pip install 'lmpo[{name}]'.")
         if not 0 < cfg.top_p <= 1:
             raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
         for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):

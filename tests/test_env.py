@@ -177,18 +177,18 @@ def test_turn_token_rewards_by_hand():
 
 
 def test_grpo_refuses_a_non_resettable_environment_unless_allowed(sft_dir, tmp_path):
-    from lmpo.rl.setup import setup
+    from lmpo.rl.loop import start
 
     cfg = rl_config(sft_dir, tmp_path / "a", **{"env.name": "addition_chain", "reward_funcs": ["env_reward"]})
     with pytest.raises(ConfigError, match="cannot be reset"):
-        setup(cfg)
+        start(cfg)
     cfg = rl_config(sft_dir, tmp_path / "b", **{"env.name": "addition_chain", "reward_funcs": ["env_reward"],
                                                 "algorithm": "reinforce_pp"})
-    setup(cfg).close()                                    # a batch baseline: no groups, no refusal
+    start(cfg).close()                                    # a batch baseline: no groups, no refusal
     cfg = rl_config(sft_dir, tmp_path / "c", **{"env.name": "addition_chain", "reward_funcs": ["env_reward"],
                                                 "env.nonresettable_groups": "allow"})
     with pytest.warns(UserWarning, match="averages over states"):
-        setup(cfg).close()
+        start(cfg).close()
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])

@@ -99,10 +99,10 @@ def test_rewards_infinite_in_float32_are_invalid_samples(tiny_dir, tmp_path, rew
 def test_huge_finite_rewards_give_finite_advantages(tiny_dir, tmp_path, rewards_file):
     """+-3e38 per group: float32 sums overflow; the statistics do not (A = +-sqrt(3)/2 here)."""
     from lmpo.rl import loop as rl
-    from lmpo.rl.setup import setup
+    from lmpo.rl.loop import start
 
     cfg = rl_config(tiny_dir, tmp_path / "o", beta=0.0, reward_funcs=[f"{rewards_file}:huge"])
-    run = setup(cfg)
+    run = start(cfg)
     batch, stats = rl.collect(run, rl.Timer())
     rl.prepare(run, batch)
     assert stats["reward/invalid"] == 0 and stats["reward/mean"] == 0.0

@@ -10,7 +10,7 @@ import torch
 
 from conftest import rl_config
 from lmpo.rl.loop import train
-from lmpo.rl.setup import setup
+from lmpo.rl.loop import start
 
 
 def _weights(path):
@@ -76,7 +76,7 @@ def test_keep_sampling_mask_makes_old_and_new_logp_agree(sft_dir, tmp_path):
 
     cfg = rl_config(sft_dir, tmp_path / "ksm", top_k=3, temperature=1.0)
     cfg.algo.keep_sampling_mask = True
-    run = setup(cfg)
+    run = start(cfg)
     batch, _ = rl.collect(run, rl.Timer())
     assert batch.keep_mask is not None and int(batch.keep_mask[batch.mask > 0].sum(-1).max()) <= 3
     logp = rl.logp_of(run, run.policy, batch)
@@ -94,7 +94,7 @@ def test_sampler_logp_is_of_the_distribution_sampled_from(sft_dir, tmp_path):
     top_k = 0) it is the full distribution, which the trainer recomputes."""
     from lmpo.rl import loop as rl
 
-    run = setup(rl_config(sft_dir, tmp_path / "s", top_k=3))
+    run = start(rl_config(sft_dir, tmp_path / "s", top_k=3))
     kept, start = {}, run.prompts.state()
     for keep in (False, True):
         run.algo = dataclasses.replace(run.algo, keep_sampling_mask=keep)
@@ -123,7 +123,7 @@ def test_process_supervision_step(sft_dir, tmp_path):
 
     cfg = rl_config(sft_dir, tmp_path / "proc", reward_funcs=["addition_digit_steps"], beta=0.0)
     cfg.algo.advantage = "process"
-    run = setup(cfg)
+    run = start(cfg)
     batch, _ = rl.collect(run, rl.Timer())
     rl.prepare(run, batch)
     G, (N, T) = cfg.group_size, batch.mask.shape
@@ -150,7 +150,7 @@ def test_process_supervision_step(sft_dir, tmp_path):
 def test_iterative_grpo_resets_the_reference(sft_dir, tmp_path):
     cfg = rl_config(sft_dir, tmp_path / "it", max_steps=2, beta=0.1, learning_rate=5e-3)
     cfg.iterative.ref_reset_steps = 1
-    run = setup(cfg)
+    run = start(cfg)
     from lmpo.rl import loop as rl
 
     t = rl.Timer()
@@ -183,7 +183,7 @@ def test_keep_routing_on_a_tiny_moe(tmp_path):
     rc.algo.keep_routing = True
     from lmpo.rl import loop as rl
 
-    run = setup(rc)
+    run = start(rc)
     batch, _ = rl.collect(run, rl.Timer())
     assert batch.routing is not None and len(batch.routing) == 2
     n, width = len(batch), batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
@@ -231,4 +231,4 @@ def test_rm_retrain_needs_a_verifier(sft_dir, tmp_path):
     cfg.iterative.ref_reset_steps, cfg.iterative.rm_retrain = 1, True
     cfg.reward_funcs = []
     with pytest.raises(ConfigError, match="rm_retrain"):
-        setup(cfg)
+        start(cfg)

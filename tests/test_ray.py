@@ -28,7 +28,7 @@ def _weights(model_dir: Path) -> dict:
 def test_ray_sync_equals_one_process(sft_dir, tmp_path):
     """Two rollout workers and two reward workers give the single-process run's samples, rewards
     and weights (the per-group seeds make a group's samples independent of the worker)."""
-    from lmpo.rl.loop import train
+    from lmpo.launch import train
 
     kw = dict(beta=0.0, max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=5, eval_samples=4)
     train(rl_config(sft_dir, tmp_path / "one", **kw))
@@ -49,7 +49,7 @@ def test_ray_sync_equals_one_process(sft_dir, tmp_path):
 def test_ray_async_staleness_is_bounded(sft_dir, tmp_path):
     """max_staleness=1: every batch comes from weights at most one update old, the lag is measured
     per row, and the truncated importance weights correct it."""
-    from lmpo.rl.loop import train
+    from lmpo.launch import train
 
     out = tmp_path / "async"
     train(rl_config(sft_dir, out, beta=0.0, max_steps=5, prompts_per_step=4, group_size=4, eval_samples=4,
@@ -64,7 +64,7 @@ def test_ray_async_staleness_is_bounded(sft_dir, tmp_path):
 
 def test_ray_config_errors(tiny_dir, tmp_path):
     from lmpo.config import ConfigError
-    from lmpo.rl.loop import train
+    from lmpo.launch import train
 
     with pytest.raises(ConfigError, match="distributed.strategy"):
         train(rl_config(tiny_dir, tmp_path / "a", **{"distributed.backend": "ray", "distributed.strategy": "ddp"}))

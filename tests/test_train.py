@@ -80,10 +80,10 @@ def test_grpo_steps_change_weights_and_write_outputs(sft_dir, tmp_path):
 
 
 def test_beta_zero_loads_no_reference(sft_dir, tmp_path):
-    from lmpo.rl.setup import setup
+    from lmpo.rl.loop import start
 
-    assert setup(rl_config(sft_dir, tmp_path / "a", beta=0.0)).ref is None
-    run = setup(rl_config(sft_dir, tmp_path / "b", beta=0.04))
+    assert start(rl_config(sft_dir, tmp_path / "a", beta=0.0)).ref is None
+    run = start(rl_config(sft_dir, tmp_path / "b", beta=0.04))
     assert run.ref is not None and not any(p.requires_grad for p in run.ref.parameters())
 
 
@@ -118,11 +118,11 @@ def test_resume_without_checkpoint_starts_from_step_0_and_says_so(sft_dir, tmp_p
 
 def test_failing_samples_get_no_gradient(sft_dir, tmp_path):
     from lmpo.rl import loop as rl
-    from lmpo.rl.setup import setup
+    from lmpo.rl.loop import start
 
     (tmp_path / "flaky.py").write_text(FLAKY)
     spec = f"{tmp_path / 'flaky.py'}:flaky"
-    run = setup(rl_config(sft_dir, tmp_path / "out", reward_funcs=[spec], beta=0.0, prompts_per_step=8))
+    run = start(rl_config(sft_dir, tmp_path / "out", reward_funcs=[spec], beta=0.0, prompts_per_step=8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batch, stats = rl.collect(run, rl.Timer())
@@ -184,11 +184,11 @@ def test_lora_uses_the_base_as_reference_and_resumes(sft_dir, tmp_path):
     2 + 2 steps give the weights of 4 straight steps."""
     from transformers import AutoModelForCausalLM
 
-    from lmpo.rl.setup import setup
+    from lmpo.rl.loop import start
 
     kw = dict(lora_r=4, beta=0.05, learning_rate=1e-2, save_steps=1, log_samples=0)
     cfg = rl_config(sft_dir, tmp_path / "a", max_steps=4, **kw)
-    run = setup(cfg)
+    run = start(cfg)
     assert run.ref is None and run.use_ref
     train(cfg)
     cfg2 = rl_config(sft_dir, tmp_path / "b", max_steps=2, **kw)

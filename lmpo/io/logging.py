@@ -13,8 +13,8 @@ import math
 import os
 from pathlib import Path
 
-TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
-EXTRA = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+from lmpo.config import TRACKERS
+
 
 
 class MetricsLogger:

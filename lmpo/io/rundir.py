@@ -107,10 +107,8 @@ def start_fresh(out: Path, overwrite: bool):
 @contextmanager
 def guard(cfg, resume: bool):
     """Everything above, for the process that writes (rank 0, or the driver of a Ray run); no-op in
-    other ranks and in the Ray learner (its driver holds the lock)."""
-    from lmpo.parallel import torchrun as D
-
-    if D.in_ray_learner() or os.environ.get("RANK", "0") != "0":
+    other ranks. (The Ray learner does not call it: its driver holds the lock.)"""
+    if os.environ.get("RANK", "0") != "0":
         yield
         return
     out = check_output_dir(cfg.output_dir)

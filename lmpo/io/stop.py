@@ -15,6 +15,8 @@ import threading
 
 import torch
 
+from lmpo.parallel import torchrun as D
+
 
 class Interrupted(KeyboardInterrupt):
     """The run stopped on a signal; ``code`` is the exit status (128 + the signal number)."""
@@ -37,19 +39,18 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     """While active (in the main thread), SIGINT and SIGTERM set ``signum`` instead of raising;
-    ``requested(run)`` is the signal every rank agrees on (one all-reduce per step with several)."""
+    ``requested(run)`` is the signal every rank agrees on (one all-reduce per step with several).
+    ``ray_learner``: the loop runs in the Ray learner actor, which shares the driver's terminal, so
+    only the SIGTERM the driver forwards counts."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
-        self.signum, self.old = None, {}
+    def __init__(self, ray_learner: bool = False):
+        self.signum, self.old, self.ray_learner = None, {}, ray_learner
 
     def __enter__(self):
-        from lmpo.parallel.torchrun import in_ray_learner
-
         if threading.current_thread() is threading.main_thread():
-            # the Ray learner shares the driver's terminal: only the driver's forwarded SIGTERM counts
-            for s in (signal.SIGTERM,) if in_ray_learner() else self.SIGNALS:
+            for s in (signal.SIGTERM,) if self.ray_learner else self.SIGNALS:
                 self.old[s] = signal.signal(s, self._handle)
         return self
 
@@ -68,7 +69,5 @@ class StopSignals:
     def requested(self, run) -> int | None:
         if not run.world.multi:
             return self.signum
-        from lmpo.parallel import torchrun as D
-
         got = D.all_sum(run, {s: torch.tensor(float(self.signum == s), device=run.device) for s in self.SIGNALS})
         return next((int(s) for s in reversed(self.SIGNALS) if got[s] > 0), None)     # SIGTERM first

@@ -35,13 +35,20 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from lmpo.config import ConfigError, validate
+from lmpo.io.stop import Interrupted
+from lmpo.models.load import hf_weights, load_causal_lm
 from lmpo.parallel.torchrun import combine_metrics
+from lmpo.rl.loop import Timer, collect, score, train
+from lmpo.rl.setup import reward_sources
+from lmpo.rollout import RolloutBatch
+from lmpo.rollout.engine import BuiltinEngine
 
 
 class WorkerError(RuntimeError):
@@ -86,14 +93,12 @@ def launch(cfg, resume: bool = False) -> dict:
                           f"{d.ray_timeout_s} s; the cluster has {ray.cluster_resources()}.") from None
     learner = ray.remote(_Learner).options(
         num_cpus=1, num_gpus=learner_gpu, max_restarts=0,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-        runtime_env={"env_vars": {"LMPO_RAY_LEARNER": "1"}}).remote()
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)).remote()
     try:
         with _forward_signals(*ray.get(learner.where.remote(), timeout=d.ray_timeout_s)) as got:
             out = ray.get(learner.train.remote(cfg, resume, pg))
         if isinstance(out, dict) and "_interrupted" in out:          # stopped on a forwarded signal
-            from lmpo.io.stop import Interrupted
-
+    
             step, ckpt, at_once = out["_interrupted"]
             raise Interrupted(got[0] if got else signal.SIGTERM, step, ckpt, at_once)
         return out
@@ -136,25 +141,18 @@ def _forward_signals(pid: int, host: str):
 
 
 class _Learner:
-    """The loop, in an actor: ``rl.train`` sees ``LMPO_RAY_LEARNER=1`` and attaches worker pools."""
+    """The loop, in an actor: ``rl.loop.train`` with ``workers`` that attach the worker pools (in the
+    placement group's later bundles) instead of an engine and a scorer in this process."""
 
     def where(self) -> tuple[int, str]:
         return os.getpid(), socket.gethostname()
 
     def train(self, cfg, resume, pg):
-        _PLACEMENT["pg"] = pg
-        if cfg.threads is None:
-            torch.set_num_threads(1)
-        from lmpo.rl.loop import train
-        from lmpo.io.stop import Interrupted
-
+        cfg = replace(cfg, threads=cfg.threads or 1)          # the actor has one CPU of the placement group
         try:
-            return train(cfg, resume=resume)
+            return train(cfg, resume=resume, workers=lambda run: attach_workers(run, pg))
         except Interrupted as e:        # Ray reports a KeyboardInterrupt as a cancelled task: hand it back
             return {"_interrupted": (e.step, str(e.checkpoint) if e.checkpoint else None, e.at_once)}
-
-
-_PLACEMENT: dict = {}
 
 
 # ----------------------------------------------------------------------------- workers (actors)
@@ -164,8 +162,6 @@ class RolloutWorker:
     """A copy of the policy and the built-in engine; weights arrive from the learner."""
 
     def __init__(self, model_dir: str, tokenizer, threads: int, gpu: bool = False):
-        from lmpo.models.load import load_causal_lm
-        from lmpo.rollout.engine import BuiltinEngine
 
         torch.set_num_threads(threads)
         device = torch.device("cuda" if gpu else "cpu")
@@ -189,7 +185,6 @@ class RewardWorker:
     """The run's reward sources; scores batches exactly as ``rl.score`` does in one process."""
 
     def __init__(self, cfg, algo):
-        from lmpo.rl.setup import reward_sources
 
         sources, weights = reward_sources(cfg)
         self.view = SimpleNamespace(cfg=cfg, algo=algo, reward_sources=sources, reward_weights=weights, extra={})
@@ -198,7 +193,6 @@ class RewardWorker:
         return os.getpid()
 
     def score(self, batch, state=None):
-        from lmpo.rl.loop import score
 
         stats = score(self.view, batch, state)
         return {"rewards": batch.rewards, "valid": batch.valid, "step_rewards": batch.step_rewards,
@@ -209,13 +203,13 @@ class _Workers:
     """Actors of one kind with restart-and-resubmit: ``call(i, method, *args)`` runs on worker i
     and, if the worker died, waits for Ray to restart it, runs ``on_restart(i)`` and tries again."""
 
-    def __init__(self, kind: str, cls, n: int, first_bundle: int, cfg, args, on_restart=None, gpus: float = 0.0):
+    def __init__(self, kind: str, cls, n: int, first_bundle: int, cfg, args, on_restart=None, gpus: float = 0.0,
+                 pg=None):
         ray = _ray()
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.ray, self.kind, self.cfg, self.on_restart = ray, kind, cfg, on_restart
         self.restarts = [0] * n
-        pg = _PLACEMENT.get("pg")
         self.actors = []
         for i in range(n):
             opts = dict(num_cpus=1, num_gpus=gpus, max_restarts=cfg.distributed.worker_restarts, max_task_retries=0)
@@ -295,21 +289,20 @@ class RolloutPool:
 
     name = "ray"
 
-    def __init__(self, run):
+    def __init__(self, run, pg=None):
         ray = _ray()
         cfg = run.cfg
         self.ray, self.cfg, self.weights, self.version, self.lock = ray, cfg, None, -1, threading.Condition()
         self.device = run.device
         self.workers = _Workers("rollout", RolloutWorker, cfg.distributed.rollout_workers, 1, cfg,
                                 (run.model_dir, run.tokenizer, 1, cfg.distributed.ray_rollout_gpus > 0),
-                                on_restart=self._forget, gpus=cfg.distributed.ray_rollout_gpus)
+                                on_restart=self._forget, gpus=cfg.distributed.ray_rollout_gpus, pg=pg)
         self.sent = [-1] * len(self.workers.actors)              # weights version each worker holds
         self.update_weights(run.policy, run.step)
 
     def update_weights(self, model, version: int):
         """Snapshot the learner's weights into the object store (in the learner's thread, so a
         background collection never reads half-updated parameters)."""
-        from lmpo.models.load import hf_weights
 
         ref = self.ray.put({k: v.cpu().clone() for k, v in hf_weights(model).items()})
         with self.lock:
@@ -325,7 +318,6 @@ class RolloutPool:
         self.sent[i] = -1                                         # a restarted worker has its initial weights
 
     def generate(self, prompts, rows, seeds, spec):
-        from lmpo.rollout import RolloutBatch
 
         with self.lock:
             ref, version = self.weights, self.version
@@ -353,10 +345,10 @@ class RolloutPool:
 class RewardPool:
     """``run.scorer`` over W reward workers: a batch's groups are split into W parts."""
 
-    def __init__(self, run):
+    def __init__(self, run, pg=None):
         self.run = run
         self.workers = _Workers("reward", RewardWorker, run.cfg.distributed.reward_workers,
-                                1 + run.cfg.distributed.rollout_workers, run.cfg, (run.cfg, run.algo))
+                                1 + run.cfg.distributed.rollout_workers, run.cfg, (run.cfg, run.algo), pg=pg)
 
     def __call__(self, batch, state=None) -> dict:
         rows_by_group = torch.arange(len(batch)).view(-1, batch.group_size)               # [groups, G]
@@ -372,7 +364,6 @@ class RewardPool:
             part.rewards, part.valid, part.step_rewards, part.step_ends, part.reward_details = (
                 out["rewards"], out["valid"], out["step_rewards"], out["step_ends"], out["reward_details"])
             parts_b.append(part)
-        from lmpo.rollout import RolloutBatch
 
         merged = RolloutBatch.cat(parts_b)
         for f in ("rewards", "valid", "step_rewards", "step_ends", "reward_details"):
@@ -398,7 +389,6 @@ class Prefetch:
     batch of step s from weights of version ≥ s − K; ``next`` hands the loop the next finished one."""
 
     def __init__(self, run, max_staleness: int):
-        from lmpo.rl.loop import Timer, collect
 
         self.run, self.K = run, max_staleness
         self.ready: queue.Queue = queue.Queue()
@@ -448,12 +438,12 @@ class Prefetch:
         self.thread.join(timeout=self.run.cfg.distributed.ray_timeout_s)
 
 
-def attach_workers(run):
-    """In the learner: rollout and reward worker pools, and the asynchronous collector when
-    ``max_staleness`` > 0. Their actors are stopped by ``run.close()``."""
-    run.engine = RolloutPool(run)
+def attach_workers(run, pg=None):
+    """In the learner: rollout and reward worker pools (their actors in placement group ``pg``), and
+    the asynchronous collector when ``max_staleness`` > 0. Their actors are stopped by ``run.close()``."""
+    run.engine = RolloutPool(run, pg)
     run.closers.append(run.engine.close)
-    run.scorer = RewardPool(run)
+    run.scorer = RewardPool(run, pg)
     run.closers.append(run.scorer.close)
     if run.cfg.distributed.max_staleness > 0:
         run.prefetch = Prefetch(run, run.cfg.distributed.max_staleness)

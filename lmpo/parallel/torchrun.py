@@ -79,11 +79,6 @@ def launch(argv: list[str], nproc: int) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def in_ray_learner() -> bool:
-    """True inside lmpo's Ray learner actor (``distributed.backend: ray``), which runs the loop."""
-    return os.environ.get("LMPO_RAY_LEARNER") == "1"
-
-
 def init(cfg) -> World:
     """Join the process group when started by torchrun (``WORLD_SIZE`` > 1) and check the config;
     one process otherwise. gloo on CPU, nccl on CUDA (each rank on GPU ``LOCAL_RANK``)."""

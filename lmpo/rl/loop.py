@@ -19,7 +19,8 @@ from lmpo import algorithms as A
 from lmpo.config import Config, ConfigError, to_dict
 from lmpo.data import render_prompt
 from lmpo.rollout import RolloutBatch
-from lmpo.rollout.engine import SamplingSpec, make_engine
+from lmpo.rollout.engine import BuiltinEngine, RolloutEngine, SamplingSpec
+from lmpo.rollout.vllm_engine import VLLMEngine
 from lmpo.parallel import torchrun as D
 from lmpo.rl.forward import completion_logp, sequence_inputs
 from lmpo.io.checkpoint import no_space
@@ -45,25 +46,35 @@ class Timer(dict):
         self[name] = self.get(name, 0.0) + time.perf_counter() - t0
 
 
-def train(cfg: Config, resume: bool = False) -> dict:
-    """Run RL; returns the last step's metrics (plus held-out accuracy when there is an eval set).
-    A full disk anywhere is an ``OutputError`` naming the file; the last checkpoint stays."""
+def train(cfg: Config, resume: bool = False, workers=None) -> dict:
+    """Run RL in this process; returns the last step's metrics (plus held-out accuracy when there is
+    an eval set). A full disk anywhere is an ``OutputError`` naming the file; the last checkpoint
+    stays. ``workers``: set by the Ray backend, whose learner actor runs this loop: a function that
+    attaches its rollout and reward worker pools to the run (its driver holds the output lock).
+    ``lmpo.launch.train`` picks the backend; this function is the loop for every one of them."""
+    if cfg.distributed.backend == "ray" and workers is None:
+        raise ConfigError("distributed.backend=ray runs through lmpo.launch.train (what `lmpo train` calls), "
+                          "which starts the Ray actors; lmpo.rl.loop.train is the loop inside them.")
     try:
-        with guard(cfg, resume):                                    # output_dir checked and locked before any model loads
-            if cfg.distributed.backend == "ray" and not D.in_ray_learner():
-                from lmpo.launch.ray_backend import launch
-
-                return launch(cfg, resume)                          # the learner actor comes back here
-            with StopSignals() as stop:
-                return loop(cfg, resume, stop)
+        with guard(cfg, resume) if workers is None else nullcontext():   # output_dir checked and locked first
+            with StopSignals(ray_learner=workers is not None) as stop:
+                return loop(cfg, resume, stop, workers)
     except BaseException as e:
         if no_space(e):
             raise no_space_error(cfg, e) from None
         raise
 
 
-def loop(cfg: Config, resume: bool, stop: StopSignals) -> dict:
-    run = setup(cfg, resume=resume)                                 # models, data, rollout engine and scorer
+def start(cfg: Config, resume: bool = False, workers=None) -> Run:
+    """A run ready to step: ``setup`` (models, data, optimizers, resume), then ``attach`` (who
+    generates and who scores)."""
+    run = setup(cfg, resume=resume)
+    attach(run, workers)
+    return run
+
+
+def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
+    run = start(cfg, resume, workers)                               # models, data, rollout engine and scorer
     out = Path(cfg.output_dir)
     if run.world.main:                                              # with several processes rank 0 writes
         out.mkdir(parents=True, exist_ok=True)
@@ -126,13 +137,11 @@ def loop(cfg: Config, resume: bool, stop: StopSignals) -> dict:
 # ----------------------------------------------------------------------------- rollout + reward
 
 
-def attach(run: Run):
+def attach(run: Run, workers=None):
     """Who generates and who scores: the engine named by ``rollout.engine`` and ``score`` in this
-    process, or (``distributed.backend: ray``) pools of rollout and reward worker actors."""
-    if run.cfg.distributed.backend == "ray":
-        from lmpo.launch.ray_backend import attach_workers
-
-        attach_workers(run)
+    process, or what ``workers`` attaches (the Ray backend: pools of rollout and reward actors)."""
+    if workers is not None:
+        workers(run)
     else:
         run.engine = make_engine(run)
         if run.cfg.env.name:                                 # multi-turn episodes with an environment
@@ -141,6 +150,17 @@ def attach(run: Run):
             run.engine = make_env_engine(run, run.engine)
         run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
         run.scorer = lambda batch, state=None: score(run, batch, state)
+
+
+def make_engine(run: Run) -> RolloutEngine:
+    """The engine named by ``rollout.engine`` for a single-process (or torchrun) run."""
+    name = run.cfg.rollout.engine
+    if name == "builtin":
+        return BuiltinEngine(run.policy, run.tokenizer, run.device, unsharded=lambda: D.unsharded(run),
+                             weights_dtype=run.cfg.rollout.dtype)
+    if name == "vllm":
+        return VLLMEngine.from_config(run.cfg, run.model_dir, run.tokenizer)
+    raise ConfigError(f"config key 'rollout.engine': unknown engine '{name}' (choose builtin or vllm).")
 
 
 def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, dict]:

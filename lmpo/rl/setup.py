@@ -17,7 +17,8 @@ from lmpo.config import Config, ConfigError, resolved_preset, to_dict, validate
 from lmpo.data import addition_heldout, load_rows, render_prompt
 from lmpo.data.datasets import check_prompt_lengths
 from lmpo.data.tasks import ADDITION
-from lmpo.models.load import ModelError, _looks_like_hub_id, context_length, embedded_model, load_causal_lm, load_tokenizer, resolve_device
+from lmpo.models.load import ModelError, _looks_like_hub_id, context_length, load_causal_lm, load_tokenizer, resolve_device
+from lmpo.stages.embedded import embedded_model
 from lmpo.parallel import torchrun as D
 from lmpo.io.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 
@@ -122,7 +123,7 @@ class Run:
     world: D.World = field(default_factory=D.World)
     step: int = 0
     extra: dict = field(default_factory=dict)
-    engine: object = None                   # the rollout engine (lmpo.rollout.engine), set by rl.attach
+    engine: object = None                   # the rollout engine (lmpo.rollout.engine), set by rl.loop.attach
     scorer: object = None                   # batch -> reward stats: rl.score here, or Ray reward workers
     prefetch: object = None                 # asynchronous collection ahead of the learner (Ray, max_staleness > 0)
     closers: list = field(default_factory=list)
@@ -214,7 +215,7 @@ def configure_threads(cfg) -> int:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    elif not os.environ.get("OMP_NUM_THREADS") and not D.in_ray_learner():  # Ray sets its actors' count
+    elif not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(usable_cpus())
     return torch.get_num_threads()
 
@@ -317,9 +318,6 @@ def setup(cfg: Config, resume: bool = False) -> Run:
               ptx_rows=ptx_rows)
     if ckpt:
         _restore(run, ckpt)
-    from lmpo.rl.loop import attach
-
-    attach(run)                                                     # rollout engine and scorer (here, or Ray actors)
     return run
 
 

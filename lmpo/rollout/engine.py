@@ -15,12 +15,14 @@ that generated each row (``RolloutBatch.policy_version``), so a trainer can tell
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from ..config import ConfigError
 from .batch import RolloutBatch
 
 
@@ -95,29 +97,8 @@ class BuiltinEngine:
 
 def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen bfloat16 copy of a plain (single-process, non-LoRA) HF model."""
-    import copy
-
-    from ..config import ConfigError
-
     if hasattr(model, "peft_config") or isinstance(model, torch.nn.parallel.DistributedDataParallel) or any(
             hasattr(p, "full_tensor") for p in model.parameters()):
         raise ConfigError("config key 'rollout.dtype': a bfloat16 generation copy is made for a plain single-process "
                           "model only (not with lora_r, DDP or FSDP); use dtype=bfloat16 (autocast) there.")
     return copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
-
-
-def make_engine(run) -> RolloutEngine:
-    """The engine named by ``rollout.engine`` for a single-process (or torchrun) run."""
-    from lmpo.parallel import torchrun as D
-
-    name = run.cfg.rollout.engine
-    if name == "builtin":
-        return BuiltinEngine(run.policy, run.tokenizer, run.device, unsharded=lambda: D.unsharded(run),
-                             weights_dtype=run.cfg.rollout.dtype)
-    if name == "vllm":
-        from .vllm_engine import VLLMEngine
-
-        return VLLMEngine.from_config(run.cfg, run.model_dir, run.tokenizer)
-    from ..config import ConfigError
-
-    raise ConfigError(f"config key 'rollout.engine': unknown engine '{name}' (choose builtin or vllm).")

@@ -178,7 +178,8 @@ def _load_model(cfg: RMConfig):
     None (the embedded tiny model after its SFT warm start, built once and cached)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lmpo.models.load import ModelError, embedded_model
+    from lmpo.models.load import ModelError
+    from lmpo.stages.embedded import embedded_model
 
     if cfg.model == TINY:
         from lmpo.models.tiny import build_model, build_tokenizer

@@ -1,0 +1,131 @@
+"""The package's import graph: no cycles among lmpo's modules (imports inside functions count),
+and arrows only point down the layers of docs/architecture.md."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "lmpo"
+
+# lower number = lower floor; a module may import its own floor's modules or lower floors
+LAYERS = {
+    "lmpo": 0, "lmpo.errors": 0,                      # the package's own __init__ (its version) and error types
+    "lmpo.algorithms": 1,                             # pure tensor math and its registries
+    "lmpo.config": 2,                                 # the config tree; its choice lists come from the registries
+    "lmpo.data": 3, "lmpo.models": 3, "lmpo.rewards": 3, "lmpo.rollout": 3,   # the leaves
+    "lmpo.parallel": 4,                               # torchrun collectives the loop calls (no-ops in one process)
+    "lmpo.io": 5,                                     # output directory, checkpoints, metrics, signals
+    "lmpo.stages": 6,                                 # SFT, reward model, evaluation, the embedded default model
+    "lmpo.rl": 7,                                     # the loop
+    "lmpo.launch": 8,                                 # launchers that run the loop elsewhere (Ray)
+    "lmpo.cli": 9, "lmpo.demo": 9, "lmpo.compare": 9, "lmpo.__main__": 9,
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PKG.rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every lmpo module that ``name`` imports, anywhere in the file (functions included)."""
+    is_pkg = path.name == "__init__.py"
+    base = name.split(".") if is_pkg else name.split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                mod = ".".join(base[: len(base) - node.level + 1] + ([mod] if mod else []))
+            # `from pkg import submodule` imports the submodule
+            targets = [mod] + ["%s.%s" % (mod, a.name) for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {m: imports_of(m, p, known) for m, p in mods.items()}
+
+
+def layer(mod: str) -> int:
+    parts = mod.split(".")
+    for i in range(len(parts), 1 if len(parts) > 1 else 0, -1):
+        key = ".".join(parts[:i])
+        if key in LAYERS:
+            return LAYERS[key]
+    raise AssertionError("module %s is in no layer of LAYERS: add it (docs/architecture.md draws them)" % mod)
+
+
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(g.get(m, ())):
+            if n == m or n not in g:
+                continue
+            if state.get(n) == 1:
+                return stack[stack.index(n):] + [n]
+            if n not in state:
+                found = visit(n)
+                if found:
+                    return found
+        stack.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(g):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def is_package_init(mod: str, g) -> bool:
+    return any(o.startswith(mod + ".") for o in g)
+
+
+def test_no_import_cycles():
+    g = graph()
+    # a package's __init__ re-exporting its own modules is not a cycle of the design
+    g = {m: {n for n in deps if not (n.startswith(m + ".") and is_package_init(m, g))} for m, deps in g.items()}
+    cycle = find_cycle(g)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_arrows_point_down():
+    g = graph()
+    upward = sorted("%s (floor %d) imports %s (floor %d)" % (m, layer(m), n, layer(n))
+                    for m, deps in g.items() for n in deps if layer(n) > layer(m))
+    assert not upward, "imports that point up:\n" + "\n".join(upward)
+
+
+def test_the_checker_sees_cycles_and_function_level_imports(tmp_path):
+    """The checker itself: a two-module cycle closed by an import inside a function is found."""
+    g = {"a": {"b"}, "b": {"a"}}
+    assert find_cycle(g) in (["a", "b", "a"], ["b", "a", "b"])
+    pkg = tmp_path / "lmpo"
+    pkg.mkdir()
+    (pkg / "x.py").write_text("def f():\n    from lmpo import y\n")
+    src = ast.parse((pkg / "x.py").read_text())
+    names = [n for n in ast.walk(src) if isinstance(n, ast.ImportFrom)]
+    assert names and names[0].module == "lmpo"
