@@ -24,6 +24,9 @@ from pathlib import Path
 import yaml
 
 from .config import Config, ConfigError, load_config, to_dict
+from lmpo.io.logging import read_metrics
+from lmpo.algorithms import PRESETS
+from lmpo.config import parse_overrides
 
 
 def _deep_update(d: dict, u: dict) -> dict:
@@ -73,8 +76,6 @@ def write_report(rows: list[dict], out: Path):
 def summarize(name: str, run_dir: Path) -> dict:
     """One run's row: memory, time per step, and its curves against samples and training seconds
     (the sum of ``time/step_s``: evaluation and start-up excluded)."""
-    from lmpo.io.logging import read_metrics
-
     metrics = read_metrics(run_dir)
     res = json.loads((run_dir / "summary.json").read_text())
     per_step = res["samples_per_step"]
@@ -214,9 +215,6 @@ def main(argv) -> int:
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:
         config, overrides = None, [config] + overrides
-    from .algorithms import PRESETS
-    from .config import parse_overrides
-
     names = [a for a in args.algorithms.split(",") if a]
     for n in names:
         if n not in PRESETS:

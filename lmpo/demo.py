@@ -15,6 +15,15 @@ import json
 import shutil
 import time
 from pathlib import Path
+from lmpo.compare import budget_rows, compare_runs, markdown_table, write_report
+from lmpo.config import Config, SFTConfig
+from lmpo.data import addition_heldout
+from lmpo.models.load import load_causal_lm, load_tokenizer, quiet_transformers
+from lmpo.rewards import addition_exact
+from lmpo.stages.evaluate import evaluate
+from lmpo.rl.monitors import monitor_line
+from lmpo.stages.reward_model import RMConfig, train_reward_model
+from lmpo.stages.sft import train_sft
 
 # The SFT warm start stops once greedy accuracy on validation rows (drawn from the training pool,
 # never the held-out set) reaches 0.6: an imperfect start that leaves room for RL.
@@ -76,16 +85,6 @@ def fresh(path: Path) -> Path:
 def run_demo(out: Path, budget: dict, threads) -> dict:
     import torch
 
-    from .compare import compare_runs, markdown_table, write_report
-    from .config import Config, SFTConfig
-    from .data import addition_heldout
-    from .models.load import load_causal_lm, load_tokenizer, quiet_transformers
-    from .rewards import addition_exact
-    from lmpo.stages.evaluate import evaluate
-    from lmpo.rl.monitors import monitor_line
-    from lmpo.stages.reward_model import RMConfig, train_reward_model
-    from lmpo.stages.sft import train_sft
-
     if threads:
         torch.set_num_threads(threads)
     quiet_transformers()                    # transformers' own "Writing model shards" bars: not a stage
@@ -137,8 +136,6 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
 
 def table(s: dict) -> str:
     """The held-out table, each row with the budget it used, then the comparison's tables."""
-    from .compare import budget_rows
-
     def run_budget(r):
         e = r["evals"][-1] if r.get("evals") else {"step": r["steps"], "samples": r["steps"] * r["samples_per_step"]}
         return f"{e['step']} steps × {r['samples_per_step']} samples = {e['samples']:,} samples, {r['train_s']:.0f} s"

@@ -119,6 +119,23 @@ def test_arrows_point_down():
     assert not upward, "imports that point up:\n" + "\n".join(upward)
 
 
+def test_lmpo_imports_sit_at_the_top_of_modules():
+    """Imports inside functions only for optional third-party packages (ray, vllm, peft, ...); the
+    CLI alone imports a subcommand's modules when that subcommand runs (``lmpo --help`` stays fast)."""
+    inside = []
+    for name, path in modules().items():
+        if name == "lmpo.cli":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lmpo"))
+                            or isinstance(node, ast.Import) and any(a.name.startswith("lmpo") for a in node.names)):
+                        inside.append("%s:%d" % (path.relative_to(PKG.parent), node.lineno))
+    assert not inside, "lmpo imports inside functions: " + ", ".join(inside)
+
+
 def test_the_checker_sees_cycles_and_function_level_imports(tmp_path):
     """The checker itself: a two-module cycle closed by an import inside a function is found."""
     g = {"a": {"b"}, "b": {"a"}}

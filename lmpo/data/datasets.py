@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from lmpo.data.tasks import ADDITION, addition_rows
 
 
 class DatasetError(ValueError):
@@ -17,8 +18,6 @@ def load_rows(source, *, required=("prompt",), split: str = "train", what: str =
     ``source`` is a built-in task name (``addition``), a list of dicts, or a path to a ``.jsonl``,
     ``.json``, ``.parquet`` or ``.csv`` file or a directory written by ``Dataset.save_to_disk``
     (a ``DatasetDict`` uses ``split``). Every row must have the ``required`` columns."""
-    from .tasks import ADDITION, addition_rows
-
     if isinstance(source, list):
         rows, name = source, "<rows>"
     elif source == ADDITION:

@@ -26,6 +26,7 @@ import signal
 from pathlib import Path
 
 import torch
+from lmpo.config import ConfigError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -189,8 +190,6 @@ def find_checkpoint(output_dir) -> Path | None:
         return legacy if (legacy / "meta.json").exists() and (legacy / "state.pt").exists() else None
     p = out / CHECKPOINTS / name
     if not ((p / "meta.json").exists() and (p / "state.pt").exists()):
-        from lmpo.config import ConfigError
-
         raise ConfigError(f"{out / CHECKPOINTS / LATEST} names '{name}', but {p} is not a complete checkpoint "
                           "(removed by hand?); restore it, or start anew without --resume.")
     return p

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import RewardError
+from lmpo.rewards import REWARD_FUNCS
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,6 @@ def resolve_reward_funcs(specs) -> list[tuple[str, RewardFunc]]:
 
 
 def _resolve_one(spec):
-    from . import REWARD_FUNCS
-
     if callable(spec):
         return _name_of(spec), spec
     if not isinstance(spec, str) or not spec.strip():

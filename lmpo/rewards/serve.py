@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .combine import RESERVED, RewardLogs, TrainerState, describe
 from .errors import RewardError
+from lmpo.rewards.combine import resolve_reward_funcs
+from lmpo.rewards.reward_model import RewardModelScorer
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 << 20
@@ -28,11 +30,7 @@ MAX_BODY = 256 << 20
 def load_reward(spec: str):
     """(name, callable) for a reward spec or a reward-model directory."""
     if os.path.isdir(spec):
-        from .reward_model import RewardModelScorer  # lazy: loads torch/transformers
-
         return os.path.basename(os.path.normpath(spec)) or "reward_model", RewardModelScorer(spec)
-    from .combine import resolve_reward_funcs
-
     return resolve_reward_funcs([spec])[0]
 
 

@@ -13,6 +13,7 @@ import torch
 
 from lmpo.algorithms import sampling_support_logp
 from lmpo.models.load import cache_kw, output_cache
+from lmpo.models.moe import RoutingReplay
 
 
 def sequence_inputs(batch):
@@ -30,8 +31,6 @@ def model_forward(model, batch, T: int, hidden: bool = False, **extra):
     states there when ``hidden``). With ``batch.routing`` (keep routing) every MoE router is forced
     to the experts recorded at sampling."""
     if batch.routing is not None:
-        from lmpo.models.moe import RoutingReplay
-
         with RoutingReplay(model, batch.routing):
             return _model_forward(model, batch, T, hidden, **extra)
     return _model_forward(model, batch, T, hidden, **extra)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from lmpo.stages.reward_model import continue_training
 
 
 def group_pairs(prompts: list[str], completions: list[str], labels: list, group_size: int) -> list[dict]:
@@ -42,8 +43,6 @@ def retrain_reward_model(scorer, new_pairs: list[dict], history: list[dict], out
     """Continue training the reward model behind ``scorer`` on ``new_pairs`` with ``replay_frac`` of
     each batch drawn from ``history``. The user's reward-model directory is never written: the model
     is copied to ``output_dir/reward_model`` first and trained there; the scorer is reloaded."""
-    from lmpo.stages.reward_model import continue_training
-
     own = Path(output_dir) / "reward_model"
     if Path(scorer.path).resolve() != own.resolve():
         if own.exists():

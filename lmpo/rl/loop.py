@@ -29,6 +29,14 @@ from lmpo.rl.monitors import Monitors
 from lmpo.io.rundir import guard, no_space_error
 from lmpo.rl.setup import Run, checkpoint, rewind, setup, step_mark
 from lmpo.io.stop import Interrupted, StopSignals
+from lmpo.rollout.env import make_env_engine
+from lmpo.rewards.combine import RewardLogs, TrainerState, call_all, check_arguments, compute_rewards, describe, reward_inputs, watch_total_failure
+from lmpo.rewards.process import is_process_reward
+from lmpo.rl.iterative import group_pairs, retrain_reward_model, verifier_labels
+from lmpo.rewards.errors import RewardError
+from lmpo.models.value import param_bytes, token_values
+from lmpo.stages.sft import completion_nll, encode_pairs
+from lmpo.stages.evaluate import eval_sources, held_out_accuracy
 
 
 class DivergedError(ConfigError):
@@ -145,8 +153,6 @@ def attach(run: Run, workers=None):
     else:
         run.engine = make_engine(run)
         if run.cfg.env.name:                                 # multi-turn episodes with an environment
-            from lmpo.rollout.env import make_env_engine
-
             run.engine = make_env_engine(run, run.engine)
         run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
         run.scorer = lambda batch, state=None: score(run, batch, state)
@@ -228,8 +234,6 @@ def sampling_spec(run: Run) -> SamplingSpec:
 def reward_state(run: Run, step: int | None = None):
     """The ``trainer_state`` reward functions get: steps done before this one, max_steps, and the
     passes over the prompt dataset before this step's prompts."""
-    from lmpo.rewards.combine import TrainerState
-
     stream = run.prompts
     return TrainerState(global_step=run.step if step is None else step, max_steps=run.cfg.max_steps,
                         epoch=stream.epoch + stream.pos / max(1, len(stream.rows)))
@@ -240,9 +244,6 @@ def score(run: Run, batch: RolloutBatch, state=None) -> dict:
     sources fill batch.step_rewards / step_ends; DAPO's overlong shaping is added to the reward.
     Every source is called as TRL calls it (``lmpo.rewards.combine``); one that gives nothing on
     every sample for ``reward_fail_steps`` consecutive batches stops the run."""
-    from lmpo.rewards.combine import TrainerState, compute_rewards, reward_inputs, watch_total_failure
-    from lmpo.rewards.process import is_process_reward
-
     cfg, state = run.cfg, state or TrainerState(max_steps=run.cfg.max_steps)
     prompts, completions, columns = reward_inputs(batch.rows, batch.completions)      # TRL's two forms
     ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]  # EOS included
@@ -271,8 +272,6 @@ def score(run: Run, batch: RolloutBatch, state=None) -> dict:
             d["rewards"] = {name: _finite(values[i]) for name, values in res.per_func.items()}
             d["extra"] = {col: values[i] for col, values in res.extra.items()}
         if run.cfg.iterative.rm_retrain:  # verifier-labelled pairs from this policy, for the next RM update
-            from lmpo.rl.iterative import group_pairs, verifier_labels
-
             labels = verifier_labels(res.per_func, {name: w for (name, _), w in outcome})
             run.extra.setdefault("rm_new_pairs", []).extend(
                 group_pairs(batch.prompts, batch.completions, labels, run.cfg.group_size))
@@ -299,9 +298,6 @@ def process_rewards(batch: RolloutBatch, process: list, prompts: list, completio
     """Call the (single) process reward source; fill batch.step_rewards [N, S] (NaN-padded) and
     batch.step_ends [N, S] (-1-padded). Returns each sample's mean step reward (NaN if none),
     {name: first error} when the source failed or gave None on every sample, and its log_metric values."""
-    from lmpo.rewards.combine import RewardLogs, TrainerState, call_all, check_arguments, describe
-    from lmpo.rewards.errors import RewardError
-
     if len(process) > 1:
         raise RewardError(f"only one process reward source may be used, got {[s[0] for s, _ in process]}.")
     (name, fn), weight = process[0]
@@ -438,8 +434,6 @@ def ref_logp_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
 
 
 def values_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
-    from lmpo.models.value import token_values
-
     ids, attn, pos = sequence_inputs(batch)
     with autocast(run):
         return token_values(run.critic, ids, attn, pos, batch.completion_ids.shape[1]).float()
@@ -544,8 +538,6 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
         if mb.values_live is not None:
             values = mb.values_live                        # computed in prepare with its graph
         elif algo.critic == "separate":
-            from lmpo.models.value import token_values
-
             ids, attn, pos = sequence_inputs(mb)
             with autocast(run):
                 values = token_values(run.critic, ids, attn, pos, mb.completion_ids.shape[1]).float()
@@ -562,8 +554,6 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
 
 def ptx_loss(run: Run, share: float) -> torch.Tensor:
     """PPO-ptx (InstructGPT): a language-modelling loss on SFT / pretraining pairs."""
-    from lmpo.stages.sft import completion_nll, encode_pairs
-
     rows = run.ptx_rows
     g = torch.Generator().manual_seed(run.cfg.seed + run.step)
     pick = torch.randint(len(rows), (run.cfg.prompts_per_step,), generator=g).tolist()
@@ -661,8 +651,6 @@ def iterative_reset(run: Run, metrics: dict):
         run.ref.load_state_dict(run.policy.state_dict())
         metrics["iterative/reset"] = 1
     if cfg.iterative.rm_retrain and run.extra.get("rm_new_pairs"):
-        from lmpo.rl.iterative import retrain_reward_model
-
         scorer = dict(run.reward_sources)["reward_model"]
         new = run.extra.pop("rm_new_pairs")
         metrics.update(retrain_reward_model(scorer, new, run.extra.get("rm_history", []), cfg.output_dir,
@@ -705,8 +693,6 @@ def peak_rss_mib() -> float:
 
 def write_summary(run: Run, metrics: dict, wall_s: float):
     """summary.json: final metrics, wall time, peak RSS and the bytes each trained model holds."""
-    from lmpo.models.value import param_bytes
-
     state = {"policy": param_bytes(run.policy, run.optimizer)}
     if run.critic is not None:
         state["critic"] = param_bytes(run.critic, run.critic_optimizer)
@@ -721,8 +707,6 @@ def write_summary(run: Run, metrics: dict, wall_s: float):
 
 
 def evaluate_policy(run: Run) -> dict:
-    from lmpo.stages.evaluate import eval_sources, held_out_accuracy
-
     sources, weights = eval_sources(run.cfg, run.reward_sources, run.reward_weights)
     if not sources:
         return {}

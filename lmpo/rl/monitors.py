@@ -33,6 +33,10 @@ import warnings
 from pathlib import Path
 
 import torch
+from lmpo.io.logging import read_metrics
+from lmpo.rewards.combine import resolve_reward_funcs
+from lmpo.rl.forward import completion_logp
+from lmpo.rollout import RolloutBatch
 
 
 class MonitorAlarm(RuntimeError):
@@ -102,8 +106,6 @@ class Monitors:
             return _Off()
         verifier = None
         if cfg.verifier:
-            from lmpo.rewards.combine import resolve_reward_funcs
-
             verifier = resolve_reward_funcs([cfg.verifier])[0][1]
         stop = not run.world.multi       # torchrun: each rank sees its own share, so alarms only warn
         return cls(cfg, run.cfg.group_size, run.cfg.output_dir, run.extra.setdefault("monitor", {}), verifier,
@@ -177,8 +179,6 @@ class Monitors:
 
     @torch.no_grad()
     def _probe_kl(self, run, batch):
-        from lmpo.rl.forward import completion_logp
-
         st = self.state
         if "probe" not in st:               # the first batch: samples of the start policy and their log-probs
             n = min(self.cfg.probe_size, len(batch))
@@ -191,8 +191,6 @@ class Monitors:
             return None
         if run.step % self.cfg.kl_every:
             return None
-        from lmpo.rollout import RolloutBatch
-
         p = st["probe"]
         dev = batch.mask.device
         probe = RolloutBatch(prompt_ids=p["prompt_ids"].to(dev), prompt_mask=p["prompt_mask"].to(dev),
@@ -301,8 +299,6 @@ class _Off:
 def monitor_line(output_dir) -> str:
     """The monitors' state of a finished (or running) run in one line, from its metrics.jsonl and
     alarms.jsonl: ``monitors ok`` or the alarms, then the latest value of each signal."""
-    from lmpo.io.logging import read_metrics
-
     out = Path(output_dir)
     rows = read_metrics(out)
     if not rows:

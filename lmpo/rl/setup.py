@@ -21,6 +21,11 @@ from lmpo.models.load import ModelError, _looks_like_hub_id, context_length, loa
 from lmpo.stages.embedded import embedded_model
 from lmpo.parallel import torchrun as D
 from lmpo.io.checkpoint import find_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from lmpo.rewards.combine import resolve_reward_funcs
+from lmpo.rewards.reward_model import RewardModelScorer
+from lmpo.rewards.remote import RemoteReward
+from lmpo.models.load import resolve_model
+from lmpo.models.value import ValueHead, load_value_model
 
 
 class PromptStream:
@@ -139,19 +144,13 @@ class Run:
 
 
 def reward_sources(cfg: Config):
-    from lmpo.rewards.combine import resolve_reward_funcs
-
     sources = resolve_reward_funcs(list(cfg.reward_funcs))
     if cfg.reward_model:
-        from lmpo.rewards.reward_model import RewardModelScorer
-
         try:
             sources.append(("reward_model", RewardModelScorer(cfg.reward_model)))
         except (OSError, ValueError) as e:
             raise ModelError(f"reward_model '{cfg.reward_model}' could not be loaded as a reward model: {e}") from None
     if cfg.reward_url:
-        from lmpo.rewards.remote import RemoteReward
-
         sources.append(("reward_url", RemoteReward(cfg.reward_url)))
     weights = list(cfg.reward_weights) if cfg.reward_weights is not None else [1.0] * len(sources)
 
@@ -257,8 +256,6 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         eval_rows = addition_heldout(cfg.eval_samples)
     ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
                          what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
-    from lmpo.models.load import resolve_model
-
     cfg.model = resolve_model(cfg.model)                            # a packaged name (smollm2): its HF directory
     if cfg.model and not Path(cfg.model).exists() and not _looks_like_hub_id(cfg.model):
         raise ModelError(f"model '{cfg.model}' does not exist: give a local HF model directory (config.json + "
@@ -285,8 +282,6 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     critic = value_head = critic_opt = None
     params = [p for p in policy.parameters() if p.requires_grad]
     if algo.critic == "separate":
-        from lmpo.models.value import load_value_model
-
         if ckpt and (ckpt / "critic").exists():
             critic = load_value_model(str(ckpt / "critic"), tokenizer, from_reward_model=True).to(device)
         elif cfg.ppo.critic_init == "policy":
@@ -297,8 +292,6 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.ppo.critic_learning_rate or cfg.learning_rate * 5,
                                        weight_decay=cfg.weight_decay)
     elif algo.critic == "shared":
-        from lmpo.models.value import ValueHead
-
         value_head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)
         params += list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

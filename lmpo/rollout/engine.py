@@ -24,6 +24,7 @@ import torch
 
 from ..config import ConfigError
 from .batch import RolloutBatch
+from lmpo.rollout.sampler import rollout
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ class BuiltinEngine:
             self.copy = _bf16_copy(model)
 
     def generate(self, prompts, rows, seeds, spec: SamplingSpec) -> RolloutBatch:
-        from .sampler import rollout
-
         was_training = self.model.training
         self.model.eval()
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" and self.copy is None \

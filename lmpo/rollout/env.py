@@ -42,6 +42,9 @@ import torch
 
 from .batch import RolloutBatch
 from .sampler import generate
+from lmpo.config import ConfigError
+from lmpo.data.envs import ENVIRONMENTS
+from lmpo.data import DatasetError
 
 GROUP_ESTIMATORS = ("group_norm", "group_mean", "batch_norm", "leave_one_out", "process")
 
@@ -53,9 +56,6 @@ def resolve_env(spec):
     """A zero-argument factory of environments from a built-in name (``lmpo.data.envs``), a class or
     factory, ``module:Class`` or ``path/file.py:Class``. TRL-style classes (no ``step``) are wrapped
     in ``TRLEnvironment``."""
-    from ..config import ConfigError
-    from ..data.envs import ENVIRONMENTS
-
     if isinstance(spec, str):
         if spec in ENVIRONMENTS:
             factory = ENVIRONMENTS[spec]
@@ -78,8 +78,6 @@ def _import(spec: str):
     import importlib
     import importlib.util
     import sys
-
-    from ..config import ConfigError
 
     target, name = spec.rsplit(":", 1)
     try:
@@ -171,8 +169,6 @@ class Transcript:
             self.text = tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
         else:
             if isinstance(first, list):
-                from ..data import DatasetError
-
                 raise DatasetError("the environment's first observation is a list of chat messages but the "
                                    "tokenizer has no chat template.")
             self.text = str(first)
@@ -341,8 +337,6 @@ class EnvEngine:
 
 def make_env_engine(run, base):
     """``base`` wrapped to play the environment named by ``env.name``; refuses what it cannot do."""
-    from ..config import ConfigError
-
     cfg = run.cfg
     if cfg.rollout.engine != "builtin" or cfg.distributed.backend != "torch":
         raise ConfigError("config key 'env.name': environments run with rollout.engine=builtin and "

@@ -12,6 +12,7 @@ import torch
 
 from ..models.load import cache_kw, output_cache
 from .batch import RolloutBatch, encode_prompts
+from lmpo.models.moe import RoutingRecorder, is_moe
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -177,8 +178,6 @@ def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_siz
     (one per prompt) each group's samples depend on its seed only. With ``keep_routing`` on an MoE
     model the experts chosen for every token are recorded (DeepSeek-V3.2 keep routing)."""
     from contextlib import nullcontext
-
-    from ..models.moe import RoutingRecorder, is_moe
 
     record = keep_routing and is_moe(model)
     device = device or next(model.parameters()).device

@@ -36,6 +36,7 @@ from ..config import ConfigError
 from ..models.load import hf_weights, iter_hf_weights, save_pretrained_as_hf, unwrap_ddp
 from .batch import RolloutBatch, encode_prompts
 from .engine import SamplingSpec
+from lmpo.models.load import resolve_device
 
 INSTALL = "pip install 'lmpo[vllm]'"
 HTTP_TIMEOUT_S = 1800.0   # one /v1/completions request (a whole group) or one weight reload
@@ -219,8 +220,6 @@ class VLLMEngine:
     @classmethod
     def from_config(cls, cfg, model_dir, tokenizer) -> "VLLMEngine":
         """The engine ``rollout.vllm_mode`` names, for the model in ``model_dir``."""
-        from ..models.load import resolve_device
-
         r = cfg.rollout
         device = resolve_device(cfg.device)
         if r.vllm_mode == "colocate":

@@ -26,6 +26,10 @@ from lmpo.data.preferences import addition_preferences, load_preferences
 from lmpo.data.tasks import ADDITION
 from lmpo.models.load import resolve_device
 from lmpo.models.value import load_scalar_model, sequence_scores
+from lmpo.models.load import ModelError
+from lmpo.stages.embedded import embedded_model
+from lmpo.models.tiny import build_model, build_tokenizer
+from lmpo.config import help_text
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -178,12 +182,7 @@ def _load_model(cfg: RMConfig):
     None (the embedded tiny model after its SFT warm start, built once and cached)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lmpo.models.load import ModelError
-    from lmpo.stages.embedded import embedded_model
-
     if cfg.model == TINY:
-        from lmpo.models.tiny import build_model, build_tokenizer
-
         tokenizer = build_tokenizer() if cfg.tokenizer is None else AutoTokenizer.from_pretrained(cfg.tokenizer)
         config = build_model(tokenizer, seed=cfg.seed).config
         config.num_labels = 1
@@ -310,13 +309,9 @@ def continue_training(model_dir, new_pairs: list[dict], replay_pairs: list[dict]
 
 def main(argv: list[str]) -> int:
     """``lmpo rm [CONFIG.yaml] [key=value ...]``; ``--help`` lists the keys."""
-    from lmpo.config import help_text
-
     if any(a in ("-h", "--help") for a in argv):
         print("usage: lmpo rm [CONFIG.yaml] [key=value ...]\n\n" + (RMConfig.__doc__ or "") + "\n\n" + help_text(RMConfig))
         return 0
-    from lmpo.models.load import ModelError
-
     path = None
     if argv and "=" not in argv[0]:
         path, argv = argv[0], argv[1:]

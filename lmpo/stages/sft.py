@@ -16,6 +16,9 @@ import torch
 from lmpo.config import SFTConfig
 from lmpo.data import DatasetError, load_rows, render_prompt
 from lmpo.models.load import load_causal_lm, load_tokenizer, resolve_device
+from lmpo.stages.evaluate import evaluate
+from lmpo.rewards.text import as_text
+from lmpo.models.tiny import build_model, build_tokenizer
 
 
 def encode_pairs(tokenizer, prompts: list[str], completions: list[str]):
@@ -44,13 +47,9 @@ def completion_nll(model, ids, attn, labels):
 
 def validation_accuracy(model, tokenizer, rows: list[dict]) -> float:
     """Greedy exact match of the generated completion against the ``completion`` column."""
-    from lmpo.stages.evaluate import evaluate
-
     n_new = max(len(tokenizer(str(r["completion"]), add_special_tokens=False)["input_ids"]) for r in rows) + 1
 
     def exact(prompts, completions, gold, **_):
-        from lmpo.rewards.text import as_text
-
         return [float(as_text(c).strip() == str(g).strip()) for c, g in zip(completions, gold)]
 
     rows = [{"prompt": r["prompt"], "gold": r["completion"]} for r in rows]   # reward functions never see 'completion'
@@ -68,8 +67,6 @@ def lr_lambda(warmup: int, total: int):
 def train_sft(cfg: SFTConfig) -> dict:
     """Train, save model and tokenizer to ``cfg.output_dir``, return the final metrics."""
     from tqdm.auto import tqdm
-
-    from lmpo.models.tiny import build_model, build_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
