@@ -45,7 +45,8 @@ def lmpo_train(sft_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "rewards.py").write_text(REWARDS)
 
     def run(*args, **overrides):
-        argv = ["train", *rl_overrides(sft_dir, tmp_path / "out", **{"max_steps": 1, "log_samples": 0, **overrides}),
+        argv = ["train", *rl_overrides(sft_dir, tmp_path / "out", **{"max_steps": 1, "log_samples": 0, "overwrite_output_dir": True,
+                                                                  **overrides}),
                 *args]
         capsys.readouterr()
         code = main(argv)

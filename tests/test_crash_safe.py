@@ -31,7 +31,7 @@ from lmpo.io.rundir import OutputError, locked
 # The reward: digits in the completion. LMPO_TEST_SIGNAL=SIG@STEP[xN] makes the process send itself
 # SIG (N times) while scoring step STEP; LMPO_TEST_FILL=PATH@STEP fills PATH's disk at that step.
 REWARD = '''
-import os, signal
+import os, signal, time
 CALLS = {}
 
 def digits(prompts, completions, **kw):
@@ -42,7 +42,9 @@ def digits(prompts, completions, **kw):
         what, _, times = sig.partition("x")
         num, at = map(int, what.split("@"))
         if step == at:
-            for _ in range(int(times or 1)):
+            for k in range(int(times or 1)):
+                if k:   # reward functions run in a worker thread: give the main thread's handler the first one
+                    time.sleep(2)                       # (two signals pending at once would merge into one)
                 os.kill(pid, num)
     fill = os.environ.get("LMPO_TEST_FILL")
     if fill:

@@ -82,7 +82,11 @@ def open_tracker(name: str, output_dir: Path, config: dict) -> _Tracker:
 
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmpo"), name=run_name, config=config,
                          dir=str(output_dir), mode=os.environ.get("WANDB_MODE", "offline"))
-        return _Tracker(lambda m, step: run.log(m, step=step), run.finish)
+        def finish():
+            run.finish()
+            wandb.teardown()        # and its wandb-core service: the run leaves no process behind
+
+        return _Tracker(lambda m, step: run.log(m, step=step), finish)
     if name == "mlflow":
         import mlflow
 

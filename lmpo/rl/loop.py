@@ -114,14 +114,16 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
                 metrics.update(evaluate_policy(run))
             monitor.watch(run, batch, metrics)                      # monitor/* signals; alarms warn or mark a stop
             log.log(run.step, metrics, samples(batch, cfg.log_samples))
-            if run.step % cfg.save_steps == 0 or run.step == cfg.max_steps:
+            saved = run.step % cfg.save_steps == 0 or run.step == cfg.max_steps
+            if saved:
                 check_finite_weights(run)
                 checkpoint(run)
+            if monitor.pending:                                     # monitor.action=stop: the whole step saved, exit 2
+                if not saved:
+                    checkpoint(run)
+                monitor.enforce()
         if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
             raise Interrupted(signum, run.step, checkpoint(run) if run.step else None)
-        if monitor.pending:                                         # monitor.action=stop: the whole step saved, exit 2
-            checkpoint(run)
-            monitor.enforce()
     except BaseException as e:
         if mark is not None and run.step > 0 and not no_space(e):  # e.g. a worker died during the rollout
             rewind(run, mark)
