@@ -95,10 +95,10 @@ def test_sampler_logp_is_of_the_distribution_sampled_from(sft_dir, tmp_path):
     from lmpo.rl import loop as rl
 
     run = start(rl_config(sft_dir, tmp_path / "s", top_k=3))
-    kept, start = {}, run.prompts.state()
+    kept, position = {}, run.prompts.state()
     for keep in (False, True):
         run.algo = dataclasses.replace(run.algo, keep_sampling_mask=keep)
-        run.prompts.load(start)
+        run.prompts.load(position)
         kept[keep], _ = rl.collect(run, rl.Timer())               # same prompts, step and seeds: the same tokens
     plain, support = kept[False], kept[True]
     assert torch.equal(plain.completion_ids, support.completion_ids)

@@ -246,12 +246,8 @@ def test_serve_reward_main_unknown_spec(capsys):
 
 
 def test_serve_reward_model_dir_uses_scorer(tmp_path, monkeypatch):
-    """A directory spec goes to lmpo.rewards.reward_model.RewardModelScorer (lazy import)."""
-    import types
-
+    """A directory spec goes to lmpo.rewards.reward_model.RewardModelScorer."""
     from lmpo.rewards import serve
-
-    fake = types.ModuleType("lmpo.rewards.reward_model")
 
     class RewardModelScorer:
         def __init__(self, path):
@@ -260,8 +256,7 @@ def test_serve_reward_model_dir_uses_scorer(tmp_path, monkeypatch):
         def __call__(self, prompts, completions, **kw):
             return [0.5] * len(completions)
 
-    fake.RewardModelScorer = RewardModelScorer
-    monkeypatch.setitem(sys.modules, "lmpo.rewards.reward_model", fake)
+    monkeypatch.setattr(serve, "RewardModelScorer", RewardModelScorer)
     name, scorer = serve.load_reward(str(tmp_path))
     assert isinstance(scorer, RewardModelScorer) and scorer.path == str(tmp_path)
     assert name == tmp_path.name

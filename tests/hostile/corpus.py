@@ -236,12 +236,14 @@ def run(stage: Stage, programs: list[Program]) -> list[Outcome]:
 
 def leftovers(stage: Stage) -> list[str]:
     """What the runs left behind: processes, files, connections, harm. Empty means clean."""
-    from lmpo.rewards import sandbox
+    from lmpo.rewards import math_reward, sandbox
 
     problems = []
     time.sleep(0.2)
     me = os.getpid()
     zygote = sandbox._zygote.proc.pid if sandbox._zygote.proc is not None else None  # the fork server stays
+    pool = math_reward._POOL          # math_answer's verifier processes (from other tests) stay too
+    helpers = {p.pid for p in pool._idle} if pool is not None else set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -257,7 +259,7 @@ def leftovers(stage: Stage) -> list[str]:
             problems.append("process %s of a sandbox uid alive: %s" % (pid, cmd[:80]))
         elif stage.marker in cmd:
             problems.append("daemon %s alive: %s" % (pid, cmd[:80]))
-        elif ppid == me and int(pid) not in (stage.victim.pid, zygote):
+        elif ppid == me and int(pid) not in (stage.victim.pid, zygote, *helpers):
             problems.append("child process %s alive: %s" % (pid, cmd[:80]))
         elif zygote is not None and ppid == zygote:
             problems.append("sandbox process %s (a child of the fork server) alive: %s" % (pid, cmd[:80]))
