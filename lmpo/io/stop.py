@@ -3,7 +3,7 @@
 SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends before it kills a job) do not interrupt a step:
 the loop finishes the step in progress, writes a checkpoint of it and stops with ``Interrupted``
 (exit status 130 / 143 from ``lmpo train``). A second signal stops at once; the checkpoint is then
-the last whole step's (``rl.train`` rewinds the prompt stream and RNG when the update had not begun,
+the last whole step's (``lmpo.rl.loop.train`` rewinds the prompt stream and RNG when the update had not begun,
 and keeps the previous checkpoint otherwise).
 """
 
