@@ -120,6 +120,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
                 checkpoint(run)
             if monitor.pending:                                     # monitor.action=stop: the whole step saved, exit 2
                 if not saved:
+                    check_finite_weights(run)
                     checkpoint(run)
                 monitor.enforce()
         if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
