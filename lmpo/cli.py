@@ -84,6 +84,7 @@ def cmd_train(argv):
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     keys = [k for k in ("reward/mean", "eval/greedy_accuracy", "eval/sampled_accuracy") if k in metrics]
+    keys += [k for k in metrics if k.startswith("eval/pass@")]
     print(json.dumps({k: metrics[k] for k in keys}))
     print(f"saved to {cfg.output_dir}/final")
     return 0

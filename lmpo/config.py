@@ -203,6 +203,7 @@ class Config:
     eval_steps: int = opt(0, "held-out evaluation every N steps (0 = only at the end)")
     eval_reward_funcs: list | None = opt(None, "reward functions that score held-out evaluation (default: the outcome reward sources); e.g. [addition_exact] when training on process rewards")
     eval_samples: int = opt(200, "held-out rows used by evaluation")
+    eval_samples_per_row: int = opt(1, "sampled completions per held-out row; n > 1 also reports pass@k for k = 1, 2, 4, ..., n (unbiased estimator, Chen et al. 2021)")
     log_samples: int = opt(2, "sample completions written to samples.jsonl per step")
     tensorboard: bool = opt(False, "also log metrics to TensorBoard in output_dir/tb")
     report_to: list = opt([], "experiment trackers that also get every step's metrics, each local by default: tensorboard, wandb (offline, output_dir/wandb), mlflow (file store output_dir/mlruns), trackio (its local database); each is an extra: pip install 'lmpo[wandb]'")
@@ -431,7 +432,7 @@ def validate(cfg):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value}.")
     if isinstance(cfg, Config):
         for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate",
-                    "temperature", "save_steps", "eval_samples", "reward_workers", "micro_batch_size", "threads",
+                    "temperature", "save_steps", "eval_samples", "eval_samples_per_row", "reward_workers", "micro_batch_size", "threads",
                     "max_prompt_len", "max_grad_norm", "reward_timeout_s", "max_skipped_steps"):
             positive(key, getattr(cfg, key))
         for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r",

@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy and sampled accuracy of a policy under a reward function."""
+"""Held-out evaluation: greedy and sampled accuracy of a policy under a reward function, and pass@k."""
 
 from __future__ import annotations
 
@@ -10,6 +10,35 @@ from lmpo.rewards.process import is_process_reward
 from lmpo.rollout import rollout
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased estimate of pass@k for one problem from ``n`` samples of which ``c`` are correct
+    (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", eq. 1):
+
+        pass@k = 1 - C(n - c, k) / C(n, k)
+
+    the probability that at least one of k samples drawn without replacement from the n is correct
+    (averaged over problems it estimates the chance that k fresh samples contain a correct one, without
+    the bias of 1 - (1 - c/n)^k). Computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i), with no large binomials;
+    it is 1 when n - c < k (every k-subset holds a correct sample) and c/n for k = 1."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k reported for n samples per problem: 1, 2, 4, ... below n, and n itself."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return ks + [n]
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: int, temperature: float = 0.0,
              samples: int = 1, batch_size: int = 256, seed: int = 0) -> dict:
@@ -17,11 +46,14 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
 
     ``reward_fn`` is called as TRL calls reward functions (keywords ``prompts``, ``completions``,
     ``completion_ids`` and the rows' other columns); with a 0/1 verifier the mean reward is the exact-match
-    accuracy. Returns ``{"accuracy": float, "mean_length": float}``."""
+    accuracy. Returns ``{"accuracy": float, "mean_length": float}``; with ``samples`` > 1 also
+    ``"pass@k"`` for each k of :func:`pass_ks`: the mean over rows of :func:`pass_at_k`, a sample counting
+    as correct when its reward is at least 1 (a 0/1 verifier's pass, every test of ``code_tests``)."""
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     total, n, length = 0.0, 0, 0.0
+    correct = []                                                    # correct samples per row
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         prompts = [render_prompt(r["prompt"], tokenizer, s + i) for i, r in enumerate(chunk)]
@@ -33,8 +65,14 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
         total += sum(float(r) for r in rewards if r is not None)
         n += len(rewards)
         length += float(batch.mask.sum())
+        ok = [r is not None and float(r) >= 1.0 for r in rewards]
+        correct += [sum(ok[i:i + samples]) for i in range(0, len(ok), samples)]
     model.train(was_training)
-    return {"accuracy": total / max(n, 1), "mean_length": length / max(n, 1)}
+    out = {"accuracy": total / max(n, 1), "mean_length": length / max(n, 1)}
+    if samples > 1 and correct:
+        out.update({f"pass@{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(correct)
+                    for k in pass_ks(samples)})
+    return out
 
 
 def eval_sources(cfg, sources: list, weights: list) -> tuple[list, list]:
@@ -50,7 +88,9 @@ def eval_sources(cfg, sources: list, weights: list) -> tuple[list, list]:
 def held_out_accuracy(model, tokenizer, rows: list[dict], sources: list, weights: list, cfg,
                       trainer_state=None) -> dict:
     """``{"greedy_accuracy", "sampled_accuracy"}`` of ``model`` on ``rows`` under the weighted reward
-    ``sources``; sampling at ``cfg.temperature``, seeded with ``cfg.seed`` (``lmpo train`` and ``lmpo eval``)."""
+    ``sources``; sampling at ``cfg.temperature``, seeded with ``cfg.seed`` (``lmpo train`` and ``lmpo eval``).
+    With ``cfg.eval_samples_per_row`` = n > 1 the sampled accuracy is over n samples per row and
+    ``pass@k`` (k = 1, 2, 4, ..., n) is added (:func:`pass_at_k`)."""
 
     def reward_fn(prompts, completions, completion_ids=None, **columns):
         return compute_rewards(sources, weights, prompts, completions, columns, completion_ids=completion_ids,
@@ -58,5 +98,7 @@ def held_out_accuracy(model, tokenizer, rows: list[dict], sources: list, weights
 
     kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     greedy = evaluate(model, tokenizer, rows, reward_fn, **kw)
-    sampled = evaluate(model, tokenizer, rows, reward_fn, temperature=cfg.temperature, **kw)
-    return {"greedy_accuracy": greedy["accuracy"], "sampled_accuracy": sampled["accuracy"]}
+    sampled = evaluate(model, tokenizer, rows, reward_fn, temperature=cfg.temperature,
+                       samples=cfg.eval_samples_per_row, **kw)
+    return {"greedy_accuracy": greedy["accuracy"], "sampled_accuracy": sampled["accuracy"],
+            **{k: v for k, v in sampled.items() if k.startswith("pass@")}}
