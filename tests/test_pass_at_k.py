@@ -63,3 +63,24 @@ def test_evaluate_counts_correct_samples_per_row(tiny_dir):
     assert out["pass@4"] == pytest.approx(0.5)
     assert out["accuracy"] == pytest.approx(3.4 / 8)
     assert "pass@1" not in evaluate(model, tok, rows[:1], lambda **kw: [1.0], max_new_tokens=3)
+
+
+def test_held_out_accuracy_reports_pass_at_k_only_with_several_samples(tiny_dir):
+    """``eval_samples_per_row`` (the key ``lmpo eval`` and ``lmpo train`` read) switches pass@k on."""
+    from lmpo.config import load_config
+    from lmpo.models.load import load_causal_lm, load_tokenizer
+    from lmpo.rewards.combine import resolve_reward_funcs
+    from lmpo.stages.evaluate import held_out_accuracy
+
+    def first_of_group(prompts, completions, **kw):      # one correct sample in every 4
+        return [1.0 if i % 4 == 0 else 0.0 for i in range(len(completions))]
+
+    model, tok = load_causal_lm(str(tiny_dir)), load_tokenizer(str(tiny_dir))
+    rows = [{"prompt": "1+2="}, {"prompt": "3+4="}]
+    sources = resolve_reward_funcs([first_of_group])
+    one = held_out_accuracy(model, tok, rows, sources, [1.0], load_config(None, ["max_new_tokens=3"]))
+    assert not any(k.startswith("pass@") for k in one)
+    four = held_out_accuracy(model, tok, rows, sources, [1.0],
+                             load_config(None, ["max_new_tokens=3", "eval_samples_per_row=4"]))
+    assert four["pass@1"] == pytest.approx(0.25) == four["sampled_accuracy"]
+    assert four["pass@2"] == pytest.approx(0.5) and four["pass@4"] == 1.0

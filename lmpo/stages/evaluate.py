@@ -42,7 +42,8 @@ def pass_ks(n: int) -> list[int]:
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: int, temperature: float = 0.0,
              samples: int = 1, batch_size: int = 256, seed: int = 0) -> dict:
-    """Mean reward of ``samples`` completions per held-out row (temperature 0 = greedy).
+    """Mean reward of ``samples`` completions per held-out row (temperature 0 = greedy), generated
+    ``batch_size`` sequences at a time.
 
     ``reward_fn`` is called as TRL calls reward functions (keywords ``prompts``, ``completions``,
     ``completion_ids`` and the rows' other columns); with a 0/1 verifier the mean reward is the exact-match
@@ -54,8 +55,9 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     total, n, length = 0.0, 0, 0.0
     correct = []                                                    # correct samples per row
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+    step = max(1, batch_size // samples)                            # at most batch_size sequences at once
+    for s in range(0, len(rows), step):
+        chunk = rows[s:s + step]
         prompts = [render_prompt(r["prompt"], tokenizer, s + i) for i, r in enumerate(chunk)]
         batch = rollout(model, tokenizer, prompts, chunk, group_size=samples, max_new_tokens=max_new_tokens,
                         temperature=temperature, generator=gen)
