@@ -19,11 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from lmpo.errors import ConfigError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from .algorithms import PRESET_KEYS, PRESETS, preset_choices, resolve_preset
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names it."""
 
 
 def opt(default, help: str, choices=None):

@@ -41,6 +41,7 @@ from types import SimpleNamespace
 
 import torch
 
+from lmpo.errors import WorkerError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo.config import ConfigError, validate
 from lmpo.io.stop import Interrupted
 from lmpo.models.load import hf_weights, load_causal_lm
@@ -49,10 +50,6 @@ from lmpo.rl.loop import Timer, collect, score, train
 from lmpo.rl.setup import reward_sources
 from lmpo.rollout import RolloutBatch
 from lmpo.rollout.engine import BuiltinEngine
-
-
-class WorkerError(RuntimeError):
-    """A Ray worker died past its restarts, or did not answer in time."""
 
 
 def _ray():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmpo.errors import DivergedError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo import algorithms as A
 from lmpo.config import Config, ConfigError, to_dict
 from lmpo.data import render_prompt
@@ -37,11 +38,6 @@ from lmpo.rewards.errors import RewardError
 from lmpo.models.value import param_bytes, token_values
 from lmpo.stages.sft import completion_nll, encode_pairs
 from lmpo.stages.evaluate import eval_sources, held_out_accuracy
-
-
-class DivergedError(ConfigError):
-    """Training diverged: non-finite losses, gradients or weights (almost always a setting: the
-    learning rate, the gradient clipping, the rewards). Exit status 2 from the CLI."""
 
 
 class Timer(dict):

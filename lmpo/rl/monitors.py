@@ -33,14 +33,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from lmpo.errors import MonitorAlarm  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo.io.logging import read_metrics
 from lmpo.rewards.combine import resolve_reward_funcs
 from lmpo.rl.forward import completion_logp
 from lmpo.rollout import RolloutBatch
-
-
-class MonitorAlarm(RuntimeError):
-    """A monitor alarm with ``monitor.action: stop``; the CLI prints it and exits 2."""
 
 
 # ----------------------------------------------------------------------------- signals (pure)
