@@ -379,8 +379,9 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
 def advantages(run: Run, *, mask, **rows) -> tuple:
     """The estimator, then whitening over the batch's real tokens when the algorithm asks for it."""
     algo = run.algo
-    adv, returns = A.ADVANTAGES[algo.advantage](mask=mask, group_size=run.cfg.group_size, gamma=algo.gamma,
-                                                lam=algo.lam, eps=algo.adv_eps, **rows)        # [N, T]
+    adv, returns = A.ADVANTAGES[algo.advantage](A.AdvantageInputs(mask=mask, group_size=run.cfg.group_size,
+                                                                  gamma=algo.gamma, lam=algo.lam, eps=algo.adv_eps,
+                                                                  **rows))                    # [N, T]
     return (A.whiten(adv, mask) * mask if algo.whiten_advantages else adv), returns
 
 
