@@ -8,11 +8,14 @@ from lmpo.data import render_prompt
 from lmpo.rewards.combine import compute_rewards, resolve_reward_funcs, reward_inputs
 from lmpo.rewards.process import is_process_reward
 from lmpo.rollout import rollout
+from lmpo.rollout.sampler import SamplingSpec
+
+EVAL_BATCH_ROWS = 256          # held-out rows generated together
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: int, temperature: float = 0.0,
-             samples: int = 1, batch_size: int = 256, seed: int = 0) -> dict:
+             samples: int = 1, seed: int = 0) -> dict:
     """Mean reward of ``samples`` completions per held-out row (temperature 0 = greedy).
 
     ``reward_fn`` is called as TRL calls reward functions (keywords ``prompts``, ``completions``,
@@ -22,11 +25,11 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
     model.eval()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     total, n, length = 0.0, 0, 0.0
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+    spec = SamplingSpec(group_size=samples, max_new_tokens=max_new_tokens, temperature=temperature)
+    for s in range(0, len(rows), EVAL_BATCH_ROWS):
+        chunk = rows[s:s + EVAL_BATCH_ROWS]
         prompts = [render_prompt(r["prompt"], tokenizer, s + i) for i, r in enumerate(chunk)]
-        batch = rollout(model, tokenizer, prompts, chunk, group_size=samples, max_new_tokens=max_new_tokens,
-                        temperature=temperature, generator=gen)
+        batch = rollout(model, tokenizer, prompts, chunk, spec, generator=gen)
         prompts_, completions, columns = reward_inputs(batch.rows, batch.completions)     # as TRL passes them
         ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]
         rewards = reward_fn(prompts=prompts_, completions=completions, completion_ids=ids, **columns)
