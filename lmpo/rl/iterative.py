@@ -12,7 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmpo.stages.reward_model import continue_training
+from lmpo.stages.reward_model import FitSpec, continue_training
 
 
 @dataclass
@@ -95,6 +95,7 @@ def retrain_reward_model(scorer, new_pairs: list[dict], history: list[dict], out
             shutil.rmtree(own)
         shutil.copytree(scorer.path, own)
         scorer.path = str(own)
-    stats = continue_training(str(own), new_pairs, history, replay_frac=replay_frac, steps=steps, lr=lr, seed=seed)
+    stats = continue_training(str(own), new_pairs, history, replay_frac=replay_frac, fit=FitSpec(steps=steps, lr=lr),
+                              seed=seed)
     scorer.reload()
     return stats

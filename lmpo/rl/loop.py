@@ -78,12 +78,7 @@ def start(cfg: Config, resume: bool = False, workers=None) -> Run:
 
 def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
     run = start(cfg, resume, workers)                               # models, data, rollout engine and scorer
-    out = Path(cfg.output_dir)
-    if run.world.main:                                              # with several processes rank 0 writes
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
-                        desc=cfg.algorithm, report_to=cfg.report_to, config=to_dict(cfg)) if run.world.main else D.NullLog()
+    log = open_log(run)
     metrics: dict = {}
     monitor = Monitors.for_run(run)                                 # collapse, drift and reward-hacking alarms
     t_start = time.perf_counter()
@@ -109,15 +104,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
                 metrics.update(evaluate_policy(run))
             monitor.watch(run, batch, metrics)                      # monitor/* signals; alarms warn or mark a stop
             log.log(run.step, metrics, samples(batch, cfg.log_samples))
-            saved = run.step % cfg.save_steps == 0 or run.step == cfg.max_steps
-            if saved:
-                check_finite_weights(run)
-                checkpoint(run)
-            if monitor.pending:                                     # monitor.action=stop: the whole step saved, exit 2
-                if not saved:
-                    check_finite_weights(run)
-                    checkpoint(run)
-                monitor.enforce()
+            save_if_due(run, monitor)
         if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
             raise Interrupted(signum, run.step, checkpoint(run) if run.step else None)
     except BaseException as e:
@@ -138,6 +125,26 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
         write_summary(run, metrics, time.perf_counter() - t_start)
     D.finish(run)
     return metrics
+
+
+def open_log(run: Run):
+    """config.json and the metrics logger (rank 0 writes; other ranks get a logger that drops everything)."""
+    cfg, out = run.cfg, Path(run.cfg.output_dir)
+    if not run.world.main:
+        return D.NullLog()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
+                         desc=cfg.algorithm, report_to=cfg.report_to, config=to_dict(cfg))
+
+
+def save_if_due(run: Run, monitor):
+    """A checkpoint every ``save_steps`` and at the last step, and when a monitor alarm with
+    ``monitor.action=stop`` is pending: the whole step is saved, then the alarm stops the run (exit 2)."""
+    if run.step % run.cfg.save_steps == 0 or run.step == run.cfg.max_steps or monitor.pending:
+        check_finite_weights(run)
+        checkpoint(run)
+    monitor.enforce()
 
 
 # ----------------------------------------------------------------------------- rollout + reward

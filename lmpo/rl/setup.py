@@ -298,15 +298,8 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         warn_if_oversubscribed(threads)
     device = resolve_device(cfg.device)
     algo = resolve_algorithm(cfg)
-    rows = load_rows(cfg.dataset, required=("prompt",))            # bad data and reward specs fail before
+    rows, eval_rows, ptx_rows = load_data(cfg)                     # bad data and reward specs fail before
     sources, weights = reward_sources(cfg)                          # any model is built or loaded
-    eval_rows = None
-    if cfg.eval_dataset:
-        eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
-    elif cfg.dataset == ADDITION:
-        eval_rows = addition_heldout(cfg.eval_samples)
-    ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
-                         what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
     cfg.model = resolve_model(cfg.model)                            # a packaged name (smollm2): its HF directory
     if cfg.model and not Path(cfg.model).exists() and not _looks_like_hub_id(cfg.model):
         raise ModelError(f"model '{cfg.model}' does not exist: give a local HF model directory (config.json + "
@@ -336,14 +329,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         params += list(critic.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
-    ctx = context_length(policy)
-    max_prompt_len = cfg.max_prompt_len or (ctx - cfg.max_new_tokens if ctx else None)
-    if max_prompt_len is not None:
-        if max_prompt_len <= 0:
-            raise ConfigError(f"config key 'max_new_tokens' ({cfg.max_new_tokens}) leaves no room for a prompt in the "
-                              f"model's context of {ctx} tokens.")
-        check_prompt_lengths([render_prompt(r["prompt"], tokenizer, i) for i, r in enumerate(rows)], tokenizer,
-                             max_prompt_len, name=str(cfg.dataset))
+    max_prompt_len = prompt_room(cfg, context_length(policy), rows, tokenizer)
     run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
               optimizer=optimizer, scheduler=scheduler, prompts=PromptStream(rows, cfg.seed),
               rewards=Rewards(sources, weights), eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta,
@@ -351,6 +337,32 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     if ckpt:
         _restore(run, ckpt)
     return run
+
+
+def load_data(cfg: Config) -> tuple[list, list | None, list | None]:
+    """(training prompts, held-out rows or None, PPO-ptx pairs or None), each checked as it loads."""
+    rows = load_rows(cfg.dataset, required=("prompt",))
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
+    elif cfg.dataset == ADDITION:
+        eval_rows = addition_heldout(cfg.eval_samples)
+    ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
+                         what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
+    return rows, eval_rows, ptx_rows
+
+
+def prompt_room(cfg: Config, ctx: int | None, rows: list, tokenizer) -> int | None:
+    """The longest prompt allowed (``max_prompt_len``, else the model's context ``ctx`` less
+    ``max_new_tokens``); every training prompt is checked against it."""
+    max_prompt_len = cfg.max_prompt_len or (ctx - cfg.max_new_tokens if ctx else None)
+    if max_prompt_len is not None:
+        if max_prompt_len <= 0:
+            raise ConfigError(f"config key 'max_new_tokens' ({cfg.max_new_tokens}) leaves no room for a prompt in the "
+                              f"model's context of {ctx} tokens.")
+        check_prompt_lengths([render_prompt(r["prompt"], tokenizer, i) for i, r in enumerate(rows)], tokenizer,
+                             max_prompt_len, name=str(cfg.dataset))
+    return max_prompt_len
 
 
 def _add_lora(policy, r: int, adapter=None):
