@@ -31,7 +31,7 @@ from lmpo.io.rundir import guard, no_space_error
 from lmpo.rl.setup import Rewards, Run, checkpoint, rewind, setup, step_mark
 from lmpo.io.stop import Interrupted, StopSignals
 from lmpo.rollout.env import make_env_engine
-from lmpo.rewards.combine import RewardLogs, TrainerState, call_all, check_arguments, compute_rewards, describe, reward_inputs, watch_total_failure
+from lmpo.rewards.combine import CallPolicy, RewardLogs, TrainerState, call_all, check_arguments, compute_rewards, describe, reward_inputs, watch_total_failure
 from lmpo.rewards.process import is_process_reward
 from lmpo.rl.iterative import Iterative
 from lmpo.rewards.errors import RewardError
@@ -259,13 +259,14 @@ def score(cfg: Config, algo, reward_set: Rewards, batch: RolloutBatch, state=Non
     process = [(s, w) for s, w in pairs if is_process_reward(s[1])]
     device = batch.mask.device
     metrics, dead, details = {}, {}, [{"rewards": {}, "extra": {}} for _ in range(len(batch))]
-    call = dict(completion_ids=ids, trainer_state=state, max_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s)
+    call = dict(completion_ids=ids, trainer_state=state, timeout_s=cfg.reward_timeout_s)
     if process:
         mean_step, dead, metrics = process_rewards(batch, process, prompts, completions, columns, call)
         rewards, valid = mean_step, ~torch.isnan(mean_step)
     if outcome:
-        res = compute_rewards([s for s, _ in outcome], [w for _, w in outcome], prompts, completions,
-                              columns, on_error=cfg.reward_errors, **call)
+        res = compute_rewards([s for s, _ in outcome], [w for _, w in outcome], prompts, completions, columns,
+                              completion_ids=ids, trainer_state=state,
+                              how=CallPolicy(cfg.reward_workers, cfg.reward_errors, cfg.reward_timeout_s))
         if res.failures:
             import warnings
 

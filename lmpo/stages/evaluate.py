@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lmpo.data import render_prompt
-from lmpo.rewards.combine import compute_rewards, resolve_reward_funcs, reward_inputs
+from lmpo.rewards.combine import CallPolicy, compute_rewards, resolve_reward_funcs, reward_inputs
 from lmpo.rewards.process import is_process_reward
 from lmpo.rollout import rollout
 from lmpo.rollout.sampler import SamplingSpec
@@ -57,7 +57,8 @@ def held_out_accuracy(model, tokenizer, rows: list[dict], sources: list, weights
 
     def reward_fn(prompts, completions, completion_ids=None, **columns):
         return compute_rewards(sources, weights, prompts, completions, columns, completion_ids=completion_ids,
-                               trainer_state=trainer_state, timeout_s=cfg.reward_timeout_s).rewards
+                               trainer_state=trainer_state,
+                               how=CallPolicy(timeout_s=cfg.reward_timeout_s)).rewards
 
     kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     greedy = evaluate(model, tokenizer, rows, reward_fn, **kw)
