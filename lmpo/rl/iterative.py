@@ -4,6 +4,7 @@ policy's samples, replaying a fraction (10 %) of historical pairs so it does not
 
 New pairs are labelled by the reward sources other than the reward model (verifiers): within a
 group, the best-scored completion is ``chosen`` and the worst ``rejected`` when their scores differ.
+The state across steps (new pairs, history) is ``Iterative``, a part of the run (``run.iterative``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Everything the loop needs, built from a ``Config``: models, optimizers, prompts, reward sources.
+"""Everything the loop needs, built from a ``Config``: the ``Run`` and its typed parts (policy and
+optimizer, reference, critic, prompt stream, reward sources, iterative GRPO's state, counters).
 
-The loop (``rl.py``) reads top to bottom; construction, resumption and checkpoint plumbing live here.
+The loop (``rl/loop.py``) reads top to bottom; construction, resumption and checkpoint plumbing live here.
 """
 
 from __future__ import annotations
