@@ -73,24 +73,10 @@ class Critic:
                               mode="token-mean", global_tokens=totals["global_tokens"])
         return self.vf_coef * vl, {"critic/loss": vl.item()}
 
-    # ------------------------------------------------------------------ optimizer
-
     def optimizers(self) -> list:
+        """The separate model's optimizer (the loop zeroes, clips and steps it with the policy's);
+        none when shared."""
         return [self.optimizer] if self.optimizer is not None else []
-
-    def zero_grad(self):
-        for o in self.optimizers():
-            o.zero_grad(set_to_none=True)
-
-    def clip_grad(self, max_norm: float) -> float:
-        """The separate model's gradient norm after clipping (0 when shared: the policy's clip covers the head)."""
-        if self.optimizer is None:
-            return 0.0
-        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-
-    def step(self):
-        for o in self.optimizers():
-            o.step()
 
     # ------------------------------------------------------------------ state
 
