@@ -252,7 +252,7 @@ def _check(hf, lean, ids, mask, T):
 
 def bench_size(name, spec, budget_s=30.0, min_reps=5, max_reps=300):
     from lmpo.models.tiny import build_model, build_tokenizer
-    from lmpo.rollout.sampler import generate
+    from lmpo.rollout.sampler import SamplingSpec, generate
 
     tok = build_tokenizer()
     hf = build_model(tok, **spec["model"])
@@ -306,8 +306,8 @@ def bench_size(name, spec, budget_s=30.0, min_reps=5, max_reps=300):
 
     def rollout(model):
         def fn():
-            generate(model, pids, pmask, group_size=G, max_new_tokens=T, eos_token_id=-1,
-                     pad_token_id=tok.pad_token_id, temperature=0)
+            generate(model, pids, pmask, SamplingSpec(group_size=G, max_new_tokens=T, temperature=0), eos_token_id=-1,
+                     pad_token_id=tok.pad_token_id)
         return _timed(fn)
 
     # the same training loss with every group's prompt run once (HF model in both columns)

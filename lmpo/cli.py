@@ -21,22 +21,9 @@ import sys
 
 
 def _user_errors():
-    from .config import ConfigError
-    from .data import DatasetError
-    from .models.load import ModelError
+    from lmpo.errors import ConfigError, DatasetError, ModelError, MonitorAlarm, RewardError, WorkerError
 
-    from lmpo.launch.ray_backend import WorkerError
-
-    from lmpo.rl.monitors import MonitorAlarm
-
-    errs = [ConfigError, DatasetError, ModelError, WorkerError, MonitorAlarm]
-    try:
-        from .rewards.errors import RewardError
-
-        errs.append(RewardError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+    return (ConfigError, DatasetError, ModelError, WorkerError, MonitorAlarm, RewardError)
 
 
 def _split(argv, allowed_flags=()):

@@ -19,11 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from lmpo.errors import ConfigError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from .algorithms import PRESET_KEYS, PRESETS, preset_choices, resolve_preset
-
-
-class ConfigError(ValueError):
-    """A config key or value that cannot be used; the message names it."""
 
 
 def opt(default, help: str, choices=None):
@@ -423,77 +420,27 @@ def load_config(path=None, overrides=(), cls=Config, base: dict | None = None):
 
 def validate(cfg):
     """Range and consistency checks; each error names the key and the allowed range."""
-    def positive(key, value, strict=True):
-        if value is not None and (value <= 0 if strict else value < 0):
-            raise ConfigError(f"config key '{key}' must be {'> 0' if strict else '>= 0'}, got {value}.")
-
     for key, value in _numbers(cfg):
         if not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number, got {value}.")
     if isinstance(cfg, Config):
-        for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate",
-                    "temperature", "save_steps", "eval_samples", "eval_samples_per_row", "reward_workers", "micro_batch_size", "threads",
-                    "max_prompt_len", "max_grad_norm", "reward_timeout_s", "max_skipped_steps"):
-            positive(key, getattr(cfg, key))
-        for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r",
-                    "reward_fail_steps"):
-            positive(key, getattr(cfg, key), strict=False)
-        for name in cfg.report_to:
-            if name not in TRACKERS:
-                raise ConfigError(f"config key 'report_to' has {name!r}; allowed: {', '.join(TRACKERS)}.")
-            import importlib.util
-
-            if importlib.util.find_spec(name) is None:
-                raise ConfigError(f"config key 'report_to' names {name!r}, which is not installed: "
-                                  f"pip install 'lmpo[{name}]'.")
-        if not 0 < cfg.top_p <= 1:
-            raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
-        for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):
-            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty", "off_policy_delta"))
-        positive("algo.overlong_buffer", cfg.algo.overlong_buffer, strict=False)
-        if cfg.algo.overlong_buffer is not None and cfg.algo.overlong_buffer > cfg.max_new_tokens:
-            raise ConfigError(f"config key 'algo.overlong_buffer' ({cfg.algo.overlong_buffer}) must be at most "
-                              f"max_new_tokens ({cfg.max_new_tokens}): the soft overlong punishment ramps over the "
-                              "last overlong_buffer tokens of the budget.")
-        for key in ("adv_eps", "max_extra_rounds"):
-            positive(f"algo.{key}", getattr(cfg.algo, key), strict=key == "adv_eps")
-        for key in ("gamma", "lam"):
-            if not 0 <= getattr(cfg.algo, key) <= 1:
-                raise ConfigError(f"config key 'algo.{key}' must be in [0, 1], got {getattr(cfg.algo, key)}.")
-        for key in ("env.max_turns", "env.max_tokens", "monitor.window", "monitor.patience", "monitor.kl_every",
-                    "monitor.probe_size"):
-            positive(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
-        if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
-            raise ConfigError(f"config key 'algo.dual_clip' must be > 1, got {cfg.algo.dual_clip}.")
-        n = cfg.prompts_per_step * cfg.group_size
-        if n % cfg.minibatches:
-            raise ConfigError(f"config key 'minibatches' ({cfg.minibatches}) must divide prompts_per_step x group_size ({n}).")
-        if not cfg.reward_funcs and cfg.reward_model is None and cfg.reward_url is None:
-            raise ConfigError("config key 'reward_funcs' is empty and there is no reward_model or reward_url: "
-                              "give at least one reward source.")
-        if cfg.reward_weights is not None:
-            n_src = len(cfg.reward_funcs) + (cfg.reward_model is not None) + (cfg.reward_url is not None)
-            if len(cfg.reward_weights) != n_src:
-                raise ConfigError(f"config key 'reward_weights' has {len(cfg.reward_weights)} weights for {n_src} reward sources "
-                                  "(reward_funcs, then reward_model, then reward_url).")
-            for w in cfg.reward_weights:
-                if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                    raise ConfigError(f"config key 'reward_weights' must be a list of numbers, got {w!r} in "
-                                      f"{cfg.reward_weights!r}.")
+        _check_ranges(cfg)
+        _check_algo(cfg)
+        _check_sources(cfg)
         resolved_preset(cfg)
         _check_rewards(cfg)
         _check_parallel(cfg)
         _check_rollout(cfg)
     if isinstance(cfg, SFTConfig):
         for key in ("max_steps", "batch_size", "learning_rate", "threads", "max_grad_norm"):
-            positive(key, getattr(cfg, key), strict=key != "max_steps")
+            _positive(key, getattr(cfg, key), strict=key != "max_steps")
         for key in ("warmup_steps", "weight_decay"):
-            positive(key, getattr(cfg, key), strict=False)
+            _positive(key, getattr(cfg, key), strict=False)
     if isinstance(cfg, RMConfig):
         for key in ("batch_size", "learning_rate", "log_steps", "eval_pairs"):
-            positive(key, getattr(cfg, key))
+            _positive(key, getattr(cfg, key))
         for key in ("max_steps", "warmup_steps"):
-            positive(key, getattr(cfg, key), strict=False)
+            _positive(key, getattr(cfg, key), strict=False)
         if not 0 <= cfg.eval_fraction < 1:
             raise ConfigError(f"config key 'eval_fraction' must be in [0, 1), got {cfg.eval_fraction}.")
         if cfg.max_length is not None and cfg.max_length < 2:
@@ -501,9 +448,76 @@ def validate(cfg):
     return cfg
 
 
+def _positive(key, value, strict=True):
+    if value is not None and (value <= 0 if strict else value < 0):
+        raise ConfigError(f"config key '{key}' must be {'> 0' if strict else '>= 0'}, got {value}.")
+
+
+def _check_ranges(cfg: Config):
+    """The RL config's counts, sizes and rates; the trackers named in report_to."""
+    for key in ("group_size", "prompts_per_step", "max_new_tokens", "epochs", "minibatches", "learning_rate",
+                "temperature", "save_steps", "eval_samples", "eval_samples_per_row", "reward_workers", "micro_batch_size",
+                "threads",
+                "max_prompt_len", "max_grad_norm", "reward_timeout_s", "max_skipped_steps"):
+        _positive(key, getattr(cfg, key))
+    for key in ("max_steps", "beta", "top_k", "warmup_steps", "weight_decay", "eval_steps", "log_samples", "lora_r",
+                "reward_fail_steps"):
+        _positive(key, getattr(cfg, key), strict=False)
+    for name in cfg.report_to:
+        if name not in TRACKERS:
+            raise ConfigError(f"config key 'report_to' has {name!r}; allowed: {', '.join(TRACKERS)}.")
+        import importlib.util
+
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(f"config key 'report_to' names {name!r}, which is not installed: "
+                              f"pip install 'lmpo[{name}]'.")
+    if not 0 < cfg.top_p <= 1:
+        raise ConfigError(f"config key 'top_p' must be in (0, 1], got {cfg.top_p}.")
+
+
+def _check_algo(cfg: Config):
+    """The algo section's ranges, the environment's and the monitors' sizes, minibatches dividing the batch."""
+    for key in ("eps_low", "eps_high", "max_len", "overlong_penalty", "tis_cap", "off_policy_delta"):
+        _positive(f"algo.{key}", getattr(cfg.algo, key), strict=key not in ("eps_low", "eps_high", "overlong_penalty", "off_policy_delta"))
+    _positive("algo.overlong_buffer", cfg.algo.overlong_buffer, strict=False)
+    if cfg.algo.overlong_buffer is not None and cfg.algo.overlong_buffer > cfg.max_new_tokens:
+        raise ConfigError(f"config key 'algo.overlong_buffer' ({cfg.algo.overlong_buffer}) must be at most "
+                          f"max_new_tokens ({cfg.max_new_tokens}): the soft overlong punishment ramps over the "
+                          "last overlong_buffer tokens of the budget.")
+    for key in ("adv_eps", "max_extra_rounds"):
+        _positive(f"algo.{key}", getattr(cfg.algo, key), strict=key == "adv_eps")
+    for key in ("gamma", "lam"):
+        if not 0 <= getattr(cfg.algo, key) <= 1:
+            raise ConfigError(f"config key 'algo.{key}' must be in [0, 1], got {getattr(cfg.algo, key)}.")
+    for key in ("env.max_turns", "env.max_tokens", "monitor.window", "monitor.patience", "monitor.kl_every",
+                "monitor.probe_size"):
+        _positive(key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]))
+    if cfg.algo.dual_clip is not None and cfg.algo.dual_clip <= 1:
+        raise ConfigError(f"config key 'algo.dual_clip' must be > 1, got {cfg.algo.dual_clip}.")
+    n = cfg.prompts_per_step * cfg.group_size
+    if n % cfg.minibatches:
+        raise ConfigError(f"config key 'minibatches' ({cfg.minibatches}) must divide prompts_per_step x group_size ({n}).")
+
+
+def _check_sources(cfg: Config):
+    """At least one reward source, and one finite weight per source when weights are given."""
+    if not cfg.reward_funcs and cfg.reward_model is None and cfg.reward_url is None:
+        raise ConfigError("config key 'reward_funcs' is empty and there is no reward_model or reward_url: "
+                          "give at least one reward source.")
+    if cfg.reward_weights is not None:
+        n_src = len(cfg.reward_funcs) + (cfg.reward_model is not None) + (cfg.reward_url is not None)
+        if len(cfg.reward_weights) != n_src:
+            raise ConfigError(f"config key 'reward_weights' has {len(cfg.reward_weights)} weights for {n_src} reward sources "
+                              "(reward_funcs, then reward_model, then reward_url).")
+        for w in cfg.reward_weights:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+                raise ConfigError(f"config key 'reward_weights' must be a list of numbers, got {w!r} in "
+                                  f"{cfg.reward_weights!r}.")
+
+
 # Checks that need a loaded model, tokenizer or dataset stay where those are loaded: the dataset's
-# columns and prompt lengths (lmpo.data, train/setup.py), the model's context length and a model
-# directory that does not exist (train/setup.py), the reward model's loading (train/setup.py), and
+# columns and prompt lengths (lmpo.data, rl/setup.py), the model's context length and a model
+# directory that does not exist (rl/setup.py), the reward model's loading (rl/setup.py), and
 # what the machine provides (Ray and vLLM installed, a CUDA GPU, the torchrun world size).
 
 

@@ -7,6 +7,7 @@ import torch
 
 from lmpo.algorithms import (
     ADVANTAGES,
+    AdvantageInputs,
     gae_advantages,
     grpo_advantages,
     process_advantages,
@@ -85,7 +86,7 @@ def test_group_advantages_sum_to_zero(name):
     torch.manual_seed(1)
     rewards = torch.randn(12)
     mask = torch.ones(12, 3)
-    adv, ret = ADVANTAGES[name](rewards=rewards, mask=mask, group_size=4)
+    adv, ret = ADVANTAGES[name](AdvantageInputs(rewards=rewards, mask=mask, group_size=4))
     assert ret is None
     close(adv[:, 0].view(3, 4).sum(-1), torch.zeros(3))
 
@@ -218,7 +219,7 @@ def _inputs(n=8, t_len=5, seed=4):
 @pytest.mark.parametrize("name", sorted(ADVANTAGES))
 def test_registry_uniform_signature_shape_and_masking(name):
     kw = _inputs()
-    adv, ret = ADVANTAGES[name](**kw, token_rewards=None, gamma=1.0, lam=0.95)
+    adv, ret = ADVANTAGES[name](AdvantageInputs(**kw, token_rewards=None, gamma=1.0, lam=0.95))
     m = kw["mask"].bool()
     assert adv.shape == m.shape and torch.isfinite(adv).all()
     assert (adv[~m] == 0).all()
@@ -228,17 +229,17 @@ def test_registry_uniform_signature_shape_and_masking(name):
     kw2["values"] = torch.where(m, kw["values"], float("nan"))
     tr = torch.where(m, 0.0, float("inf"))
     tr_clean = torch.zeros_like(tr)
-    adv_a, _ = ADVANTAGES[name](**kw, token_rewards=tr_clean)
-    adv_b, _ = ADVANTAGES[name](**kw2, token_rewards=tr)
+    adv_a, _ = ADVANTAGES[name](AdvantageInputs(**kw, token_rewards=tr_clean))
+    adv_b, _ = ADVANTAGES[name](AdvantageInputs(**kw2, token_rewards=tr))
     close(adv_a, adv_b)
 
 
 def test_registry_sequence_estimators_broadcast():
     kw = _inputs()
-    adv, _ = ADVANTAGES["group_norm"](**kw)
+    adv, _ = ADVANTAGES["group_norm"](AdvantageInputs(**kw))
     expected = grpo_advantages(kw["rewards"], 4)[:, None] * kw["mask"]
     close(adv, expected)
-    adv, _ = ADVANTAGES["leave_one_out"](**kw)
+    adv, _ = ADVANTAGES["leave_one_out"](AdvantageInputs(**kw))
     close(adv, rloo_advantages(kw["rewards"], 4)[:, None] * kw["mask"])
 
 
@@ -246,7 +247,7 @@ def test_registry_uses_token_reward_sums_when_given():
     kw = _inputs()
     m = kw["mask"].bool()
     tr = torch.where(m, torch.randn(m.shape), 0.0)
-    adv, _ = ADVANTAGES["group_mean"](**kw, token_rewards=tr)
+    adv, _ = ADVANTAGES["group_mean"](AdvantageInputs(**kw, token_rewards=tr))
     close(adv, grpo_advantages(tr.sum(-1), 4, scale="none")[:, None] * kw["mask"])
 
 
@@ -254,7 +255,7 @@ def test_registry_gae_puts_score_on_last_token():
     r = torch.tensor([0.0, 1.0])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     v = torch.zeros(2, 3)
-    adv, ret = ADVANTAGES["gae"](rewards=r, mask=m, group_size=1, values=v, gamma=1.0, lam=1.0)
+    adv, ret = ADVANTAGES["gae"](AdvantageInputs(rewards=r, mask=m, group_size=1, values=v, gamma=1.0, lam=1.0))
     # V = 0, gamma = lam = 1: A_t = reward-to-go = score on every real token
     close(adv, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     close(ret, adv)
@@ -264,14 +265,13 @@ def test_registry_missing_inputs_raise_and_register():
     kw = _inputs()
     kw.pop("values")
     with pytest.raises(ValueError, match="values"):
-        ADVANTAGES["gae"](**kw)
+        ADVANTAGES["gae"](AdvantageInputs(**kw))
     with pytest.raises(ValueError, match="step_rewards"):
-        ADVANTAGES["process"](rewards=kw["rewards"], mask=kw["mask"], group_size=4)
+        ADVANTAGES["process"](AdvantageInputs(rewards=kw["rewards"], mask=kw["mask"], group_size=4))
 
     @register_advantage("_test_zero")
-    def _zero(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-              step_ends=None, gamma=1.0, lam=0.95):
-        return torch.zeros_like(mask, dtype=torch.float64), None
+    def _zero(x):
+        return torch.zeros_like(x.mask, dtype=torch.float64), None
 
     try:
         assert ADVANTAGES["_test_zero"] is _zero
@@ -318,10 +318,10 @@ def test_an_invalid_row_changes_no_other_row(name):
               step_rewards=torch.randn(n, 2), step_ends=torch.tensor([[1, 3]] * n))
     rewards = torch.randn(n)
     rewards[5] = NAN
-    adv, _ = ADVANTAGES[name](rewards=rewards, **kw)
+    adv, _ = ADVANTAGES[name](AdvantageInputs(rewards=rewards, **kw))
     kw2 = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in kw.items()}
     for k in ("values", "token_rewards", "step_rewards"):
         kw2[k][5] = 1e6                                # garbage in the invalid row
-    adv2, _ = ADVANTAGES[name](rewards=rewards, **kw2)
+    adv2, _ = ADVANTAGES[name](AdvantageInputs(rewards=rewards, **kw2))
     close(adv, adv2)
     assert (adv[5] == 0).all()

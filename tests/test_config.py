@@ -126,8 +126,8 @@ def test_a_preset_and_an_estimator_registered_in_algorithms_alone_are_accepted_a
     from lmpo.algorithms import ADVANTAGES, register_advantage
     from lmpo.cli import main
 
-    def zeros(*, rewards, mask, **_):
-        return torch.zeros(mask.shape), None
+    def zeros(x):
+        return torch.zeros(x.mask.shape), None
 
     with pytest.raises(ConfigError, match="'algorithm' has the value 'my_grpo'"):
         load_config(None, ["algorithm=my_grpo"])

@@ -149,11 +149,11 @@ def test_ppo_critic_forward_runs_once_with_one_update(sft_dir, tmp_path, monkeyp
     """One update per rollout: the critic's values before the update are the loss's values, so the
     critic runs once per step (kept with its graph); with 2 epochs it runs before and in each epoch.
     The critic still learns through the kept graph: its scalar head, zero at the start, has moved."""
-    import lmpo.rl.loop as loop
+    import lmpo.rl.critic as critic_module
 
     calls = []
-    real = loop.token_values
-    monkeypatch.setattr(loop, "token_values", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = critic_module.token_values
+    monkeypatch.setattr(critic_module, "token_values", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = rl_config(sft_dir, tmp_path / "c", algorithm="ppo", max_steps=3, beta=0.02, epochs=epochs,
                     learning_rate=1e-3)
     train(cfg)

@@ -11,6 +11,7 @@ from conftest import TINY, rl_config, read_jsonl
 from lmpo.config import ConfigError
 from lmpo.data import addition_rows
 from lmpo.rollout.env import TRLEnvironment, env_rollout, parse_tool_calls, resolve_env
+from lmpo.rollout.sampler import SamplingSpec
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,10 @@ class Echo:
 def play(model, tok, factory, n_rows=2, G=3, **kw):
     args = dict(group_size=G, max_new_tokens=4, max_turns=3, max_tokens=24)
     args.update(kw)
+    bounds = {k: args.pop(k) for k in ("max_turns", "max_tokens")}
     envs = [factory() for _ in range(n_rows * G)]
-    return env_rollout(model, tok, envs, addition_rows(n_rows, 0), list(range(1, n_rows + 1)), **args)
+    return env_rollout(model, tok, envs, addition_rows(n_rows, 0), list(range(1, n_rows + 1)), SamplingSpec(**args),
+                       **bounds)
 
 
 def test_environment_tokens_are_context_but_not_loss(tiny):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmpo.models.load import load_causal_lm, load_tokenizer
-from lmpo.rollout.sampler import rollout
+from lmpo.rollout.sampler import SamplingSpec, rollout
 from lmpo.rl import forward as F
 
 PROMPTS = ["12+5=", "7+300=", "1+1=", "99+1="]
@@ -14,8 +14,8 @@ PROMPTS = ["12+5=", "7+300=", "1+1=", "99+1="]
 
 def _batch(tiny_dir, G=3, T=6):
     model = load_causal_lm(str(tiny_dir), torch.device("cpu"))
-    b = rollout(model, load_tokenizer(str(tiny_dir)), PROMPTS, [{}] * len(PROMPTS), group_size=G,
-                max_new_tokens=T, seeds=[1, 2, 3, 4])
+    b = rollout(model, load_tokenizer(str(tiny_dir)), PROMPTS, [{}] * len(PROMPTS),
+                SamplingSpec(group_size=G, max_new_tokens=T), seeds=[1, 2, 3, 4])
     return model, b
 
 

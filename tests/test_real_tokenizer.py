@@ -18,7 +18,7 @@ from conftest import read_jsonl, rl_overrides, run_lmpo, write_jsonl
 from lmpo.data import render_prompt
 from lmpo.models.load import PACKAGED_MODELS, load_tokenizer
 from lmpo.rollout import rollout
-from lmpo.rollout.sampler import end_of_turn_id, stop_token_ids
+from lmpo.rollout.sampler import SamplingSpec, end_of_turn_id, stop_token_ids
 from lmpo.rl.forward import completion_logp
 
 
@@ -91,7 +91,8 @@ class Biased(torch.nn.Module):
 def _roll(model, tok, prompts, seed=0, **kw):
     args = dict(group_size=4, max_new_tokens=8, temperature=1.0)
     args.update(kw)
-    return rollout(model, tok, prompts, [{} for _ in prompts], generator=torch.Generator().manual_seed(seed), **args)
+    return rollout(model, tok, prompts, [{} for _ in prompts], SamplingSpec(**args),
+                   generator=torch.Generator().manual_seed(seed))
 
 
 def test_the_tokenizer_is_smollm2s(tok):

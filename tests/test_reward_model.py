@@ -12,7 +12,7 @@ from lmpo.data.datasets import DatasetError
 from lmpo.data.preferences import addition_preferences, load_preferences, wrong_sum
 from lmpo.models.tiny import build_tiny
 from lmpo.rewards.reward_model import RewardModelScorer
-from lmpo.stages.reward_model import RMConfig, bradley_terry_loss, continue_training, main, train_reward_model
+from lmpo.stages.reward_model import FitSpec, RMConfig, bradley_terry_loss, continue_training, main, train_reward_model
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +138,7 @@ def test_continue_training_with_replay(trained, tmp_path):
     new = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in _echo_pairs(64, 3)]
     old = _echo_pairs(64, 4)
     before = RewardModelScorer(out, device="cpu")
-    m = continue_training(out, new, old, replay_frac=0.25, steps=4, lr=1e-3, batch_size=8,
+    m = continue_training(out, new, old, replay_frac=0.25, fit=FitSpec(steps=4, lr=1e-3, batch_size=8),
                           output_dir=tmp_path / "rm2", device="cpu")
     assert m["rm/steps"] == 4 and m["rm/new_pairs"] == 64 and m["rm/replay_pairs"] == 64
     assert math.isfinite(m["rm/loss"])
@@ -146,7 +146,7 @@ def test_continue_training_with_replay(trained, tmp_path):
     texts = ["12+34=4", "12+34=6"]
     assert before.score_texts(texts) != after.score_texts(texts)
     with pytest.raises(ValueError, match="replay_frac"):
-        continue_training(out, new, old, replay_frac=1.0, steps=1)
+        continue_training(out, new, old, replay_frac=1.0, fit=FitSpec(steps=1))
 
 
 # ----------------------------------------------------------------------------- data and errors

@@ -7,7 +7,7 @@ import pytest
 
 import lmpo.rewards as rewards
 from lmpo.rewards import REWARD_FUNCS, RewardError
-from lmpo.rewards.combine import RewardResult, compute_rewards, resolve_reward_funcs
+from lmpo.rewards.combine import CallPolicy, RewardResult, compute_rewards, resolve_reward_funcs
 
 BUILTINS = ["addition_exact", "math_answer", "think_answer_format", "length_penalty", "code_tests"]
 
@@ -139,13 +139,13 @@ def test_raising_function_fails_the_batch_not_the_loop():
 def test_on_error_raise_names_function_sample_and_cause():
     f = _const(lambda i: [1.0, math.nan][i], "flaky")
     with pytest.raises(RewardError, match=r"'flaky' failed on sample 1.*nan"):
-        compute_rewards([("flaky", f)], None, ["p"] * 2, ["c"] * 2, {}, on_error="raise")
+        compute_rewards([("flaky", f)], None, ["p"] * 2, ["c"] * 2, {}, how=CallPolicy(on_error="raise"))
 
     def boom(prompts, completions, **kw):
         raise KeyError("answer")
 
     with pytest.raises(RewardError, match=r"'boom' failed on sample 0.*KeyError") as e:
-        compute_rewards([("boom", boom)], None, ["p"], ["c"], {}, on_error="raise")
+        compute_rewards([("boom", boom)], None, ["p"], ["c"], {}, how=CallPolicy(on_error="raise"))
     assert isinstance(e.value.__cause__, KeyError)
 
 
@@ -153,9 +153,9 @@ def test_on_error_raise_names_function_sample_and_cause():
 def test_wrong_shape_is_always_an_error(on_error):
     with pytest.raises(RewardError, match=r"'short' returned 2 values for 3 completions"):
         compute_rewards([("short", lambda prompts, completions, **k: [1.0, 1.0])], None, ["p"] * 3, ["c"] * 3, {},
-                        on_error=on_error)
+                        how=CallPolicy(on_error=on_error))
     with pytest.raises(RewardError, match=r"'scalar' returned a float"):
-        compute_rewards([("scalar", lambda prompts, completions, **k: 1.0)], None, ["p"], ["c"], {}, on_error=on_error)
+        compute_rewards([("scalar", lambda prompts, completions, **k: 1.0)], None, ["p"], ["c"], {}, how=CallPolicy(on_error=on_error))
 
 
 def test_bad_arguments():
@@ -165,7 +165,7 @@ def test_bad_arguments():
     with pytest.raises(RewardError, match="column 'answer' has 2 values for 1"):
         compute_rewards([("f", f)], None, ["p"], ["c"], {"answer": ["a", "b"]})
     with pytest.raises(RewardError, match="on_error"):
-        compute_rewards([("f", f)], None, ["p"], ["c"], {}, on_error="ignore")
+        compute_rewards([("f", f)], None, ["p"], ["c"], {}, how=CallPolicy(on_error="ignore"))
 
 
 def test_functions_run_concurrently_and_get_columns():
@@ -179,7 +179,7 @@ def test_functions_run_concurrently_and_get_columns():
         f.__name__ = "f%d" % k
         return f
 
-    res = compute_rewards([make(k) for k in range(3)], None, ["p"], ["c"], {"answer": ["42"]}, max_workers=4)
+    res = compute_rewards([make(k) for k in range(3)], None, ["p"], ["c"], {"answer": ["42"]}, how=CallPolicy(max_workers=4))
     assert res.rewards == [3.0] and res.failures == []
     assert seen == [["42"]] * 3
 

@@ -14,7 +14,7 @@ from conftest import TINY, read_jsonl, rl_overrides, write_jsonl
 
 from lmpo.cli import main
 from lmpo.rewards import RewardError
-from lmpo.rewards.combine import TrainerState, compute_rewards, reward_inputs
+from lmpo.rewards.combine import CallPolicy, TrainerState, compute_rewards, reward_inputs
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
 MAX_NEW = 32
@@ -178,7 +178,7 @@ def test_async_functions_are_awaited_together():
         f.__name__ = me
         return f
 
-    res = compute_rewards([make("a", "b"), make("b", "a")], None, ["p"], ["c"], {}, timeout_s=60)
+    res = compute_rewards([make("a", "b"), make("b", "a")], None, ["p"], ["c"], {}, how=CallPolicy(timeout_s=60))
     assert res.failures == [] and res.rewards == [2.0]
 
 
@@ -212,7 +212,7 @@ def test_timeout_and_sys_exit_are_failures_not_the_end():
 
     try:
         res = compute_rewards([("hangs", hangs), ("exits", exits), ("fine", fine)], None, ["p"] * 2, ["c"] * 2, {},
-                              timeout_s=1.0)
+                              how=CallPolicy(timeout_s=1.0))
     finally:
         release.set()
     assert res.valid == [False, False] and all(math.isnan(r) for r in res.rewards)
@@ -220,7 +220,7 @@ def test_timeout_and_sys_exit_are_failures_not_the_end():
     assert "sys.exit(3)" in res.errors["exits"]
     assert res.per_func["fine"] == [0.5, 0.5]
     assert set(res.dead()) == {"hangs", "exits"}
-    assert compute_rewards([("fine", fine)], None, ["p"], ["c"], {}, timeout_s=5).rewards == [0.5]  # the next batch
+    assert compute_rewards([("fine", fine)], None, ["p"], ["c"], {}, how=CallPolicy(timeout_s=5)).rewards == [0.5]  # the next batch
 
 
 def test_samples_log_is_valid_json_with_nan_rewards(chat_model, tmp_path, monkeypatch):

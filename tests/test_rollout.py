@@ -9,6 +9,7 @@ import torch
 
 from lmpo.models.tiny import build_model, build_tokenizer
 from lmpo.rollout import filter_logits, generate, rollout
+from lmpo.rollout.sampler import SamplingSpec
 from lmpo.rl.forward import completion_logp
 
 PROMPTS = ["12+34=", "7+5=", "99+99="]          # different lengths: left padding matters
@@ -46,7 +47,7 @@ def _rollout(model, tok, seed=0, **kw):
     args = dict(group_size=G, max_new_tokens=T, temperature=1.0)
     args.update(kw)
     gen = torch.Generator().manual_seed(seed)
-    return rollout(model, tok, PROMPTS, [{"i": i} for i in range(len(PROMPTS))], generator=gen, **args)
+    return rollout(model, tok, PROMPTS, [{"i": i} for i in range(len(PROMPTS))], SamplingSpec(**args), generator=gen)
 
 
 def test_shapes_and_group_order(model, tok):
@@ -159,8 +160,9 @@ def test_group_prefilled_once_and_finished_rows_leave(model, tok):
     wrapped = Counting(model, tok.eos_token_id, eos_bias=4.0)
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     gen = torch.Generator().manual_seed(1)
-    out = generate(wrapped, enc["input_ids"], enc["attention_mask"], group_size=G, max_new_tokens=T,
-                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=gen)
+    u = torch.rand(len(PROMPTS) * G, T, generator=gen).clamp_(min=1e-12)
+    out = generate(wrapped, enc["input_ids"], enc["attention_mask"], SamplingSpec(group_size=G, max_new_tokens=T),
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, uniforms=u)
     calls = wrapped.calls
     assert calls[0] == tuple(enc["input_ids"].shape), "the prefill must see each prompt once (B rows, not B*G)"
     decode = calls[1:]

@@ -141,8 +141,8 @@ def test_conversion_equals_builtin_rollout_and_trains(model, tok):
     wrapped = EosBias(model, tok.eos_token_id)
     G, seeds = 4, [11, 22, 33]
     with torch.no_grad():
-        ref = rollout(wrapped, tok, PROMPTS, ROWS, group_size=G, max_new_tokens=6, temperature=1.0, seeds=seeds,
-                      device=torch.device("cpu"))
+        ref = rollout(wrapped, tok, PROMPTS, ROWS, SamplingSpec(group_size=G, max_new_tokens=6, temperature=1.0),
+                      seeds=seeds, device=torch.device("cpu"))
     assert ref.truncated.any() and not ref.truncated.all(), "want both EOS-ended and truncated samples"
     ids, mask = encode_prompts(tok, PROMPTS, None)
     b = to_rollout_batch(tok, PROMPTS, ROWS, _as_vllm_outputs(ref), ids, mask, version=3)

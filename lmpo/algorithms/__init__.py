@@ -3,6 +3,7 @@ aggregation, KL estimators, masks, and the named presets. See docs/algorithms.md
 
 from .advantages import (
     ADVANTAGES,
+    AdvantageInputs,
     gae_advantages,
     grpo_advantages,
     process_advantages,
@@ -23,7 +24,7 @@ from .masks import (
 from .presets import PRESET_KEYS, PRESETS, overlong_buffer_tokens, preset_choices, resolve_preset
 
 __all__ = [
-    "ADVANTAGES", "register_advantage", "grpo_advantages", "rloo_advantages", "gae_advantages",
+    "ADVANTAGES", "AdvantageInputs", "register_advantage", "grpo_advantages", "rloo_advantages", "gae_advantages",
     "reinforce_pp_advantages", "process_advantages", "whiten",
     "AGGREGATIONS", "policy_loss", "clip_fraction", "aggregate_loss", "value_loss",
     "KL_ESTIMATORS", "kl_penalty", "unbiased_kl", "kl_in_reward", "turn_token_rewards", "adaptive_kl_coef",

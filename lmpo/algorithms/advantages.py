@@ -9,6 +9,7 @@ math; the loop calls them under `torch.no_grad()` (advantages are constants of t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "process_advantages",
     "whiten",
     "ADVANTAGES",
+    "AdvantageInputs",
     "register_advantage",
 ]
 
@@ -226,11 +228,30 @@ def process_advantages(
 
 # ---------------------------------------------------------------------------------------------
 # Registry: one signature for every estimator.
-#   fn(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-#      step_ends=None, gamma=1.0, lam=0.95, eps=1e-4) -> (adv [N, T], returns [N, T] | None)
+#   fn(x: AdvantageInputs) -> (adv [N, T], returns [N, T] | None)
 # rewards NaN marks an invalid sample (its reward failed): it is left out of every group and
 # batch statistic and its row gets advantage 0 (and returns 0).
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdvantageInputs:
+    """What an advantage estimator may read: the batch's rewards [N] (NaN = invalid sample), the
+    completion mask [N, T], the group size G, and, when the loop has them, per-token rewards [N, T]
+    (KL in the reward, environment turns), the critic's values [N, T], process rewards [N, S] with
+    their step ends [N, S], and the discount γ, GAE's λ and the std floor ε."""
+
+    rewards: Tensor
+    mask: Tensor
+    group_size: int
+    token_rewards: Optional[Tensor] = None
+    values: Optional[Tensor] = None
+    step_rewards: Optional[Tensor] = None
+    step_ends: Optional[Tensor] = None
+    gamma: float = 1.0
+    lam: float = 0.95
+    eps: float = 1e-4
+
 
 AdvantageFn = Callable[..., "tuple[Tensor, Optional[Tensor]]"]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -270,68 +291,61 @@ def _token_rewards(rewards: Tensor, token_rewards: Optional[Tensor], m: Tensor) 
     return place_on_last_token(_float(rewards), m)
 
 
-def _group_adv(scale, rewards, mask, group_size, token_rewards, eps):
-    m = _valid_mask(rewards, mask)
-    adv = grpo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size, scale=scale, eps=eps)
+def _group_adv(scale, x: AdvantageInputs):
+    m = _valid_mask(x.rewards, x.mask)
+    adv = grpo_advantages(_sequence_rewards(x.rewards, x.token_rewards, m), x.group_size, scale=scale, eps=x.eps)
     return per_token(adv, m), None
 
 
 @register_advantage("group_norm")
-def _group_norm(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+def _group_norm(x: AdvantageInputs):
     """GRPO: grpo_advantages(scale="group") broadcast to [N, T]."""
-    return _group_adv("group", rewards, mask, group_size, token_rewards, eps)
+    return _group_adv("group", x)
 
 
 @register_advantage("group_mean")
-def _group_mean(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+def _group_mean(x: AdvantageInputs):
     """Dr. GRPO: grpo_advantages(scale="none") broadcast to [N, T]."""
-    return _group_adv("none", rewards, mask, group_size, token_rewards, eps)
+    return _group_adv("none", x)
 
 
 @register_advantage("batch_norm")
-def _batch_norm(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+def _batch_norm(x: AdvantageInputs):
     """Lite PPO / TRL scale_rewards="batch": grpo_advantages(scale="batch") broadcast to [N, T]."""
-    return _group_adv("batch", rewards, mask, group_size, token_rewards, eps)
+    return _group_adv("batch", x)
 
 
 @register_advantage("leave_one_out")
-def _leave_one_out(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                   step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+def _leave_one_out(x: AdvantageInputs):
     """RLOO: rloo_advantages broadcast to [N, T]."""
-    m = _valid_mask(rewards, mask)
-    adv = rloo_advantages(_sequence_rewards(rewards, token_rewards, m), group_size)
+    m = _valid_mask(x.rewards, x.mask)
+    adv = rloo_advantages(_sequence_rewards(x.rewards, x.token_rewards, m), x.group_size)
     return per_token(adv, m), None
 
 
 @register_advantage("reinforce_pp")
-def _reinforce_pp(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-                  step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+def _reinforce_pp(x: AdvantageInputs):
     """REINFORCE++: reinforce_pp_advantages on token_rewards (or rewards on the last token), discount gamma."""
-    m = _valid_mask(rewards, mask)
-    return reinforce_pp_advantages(_token_rewards(rewards, token_rewards, m), m, gamma=gamma), None
+    m = _valid_mask(x.rewards, x.mask)
+    return reinforce_pp_advantages(_token_rewards(x.rewards, x.token_rewards, m), m, gamma=x.gamma), None
 
 
 @register_advantage("gae")
-def _gae(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-         step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+def _gae(x: AdvantageInputs):
     """PPO: gae_advantages on token_rewards (or rewards on the last token); needs values."""
-    if values is None:
+    if x.values is None:
         raise ValueError("advantage 'gae' needs values (a critic); got values=None")
-    m = _valid_mask(rewards, mask)
-    return gae_advantages(_token_rewards(rewards, token_rewards, m), values, m, gamma=gamma, lam=lam)
+    m = _valid_mask(x.rewards, x.mask)
+    return gae_advantages(_token_rewards(x.rewards, x.token_rewards, m), x.values, m, gamma=x.gamma, lam=x.lam)
 
 
 @register_advantage("process")
-def _process(*, rewards, mask, group_size, token_rewards=None, values=None, step_rewards=None,
-             step_ends=None, gamma=1.0, lam=0.95, eps=1e-4):
+def _process(x: AdvantageInputs):
     """DeepSeekMath process supervision: process_advantages; needs step_rewards and step_ends.
     The steps of invalid samples (reward NaN) are left out of the group statistics."""
-    if step_rewards is None or step_ends is None:
+    if x.step_rewards is None or x.step_ends is None:
         raise ValueError("advantage 'process' needs step_rewards and step_ends")
-    m = _valid_mask(rewards, mask)
-    sr = _float(step_rewards)  # [N, S]
-    sr = torch.where(torch.isnan(_float(rewards))[:, None], torch.full_like(sr, float("nan")), sr)
-    return process_advantages(sr, step_ends, m, group_size, eps=eps), None
+    m = _valid_mask(x.rewards, x.mask)
+    sr = _float(x.step_rewards)  # [N, S]
+    sr = torch.where(torch.isnan(_float(x.rewards))[:, None], torch.full_like(sr, float("nan")), sr)
+    return process_advantages(sr, x.step_ends, m, x.group_size, eps=x.eps), None

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from lmpo.errors import DatasetError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo.data.tasks import ADDITION, addition_rows
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be used; the message names the file and, where it applies, the row."""
 
 
 def load_rows(source, *, required=("prompt",), split: str = "train", what: str = "dataset") -> list[dict]:

@@ -17,6 +17,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from lmpo.errors import OutputError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo.config import ConfigError
 from lmpo.io.checkpoint import CHECKPOINTS, LEGACY, clean_stale, find_checkpoint
 
@@ -25,10 +26,6 @@ MIN_FREE_MIB = 64
 # what a run writes (the lock file stays: another process may be waiting on it)
 RUN_FILES = ("metrics.jsonl", "samples.jsonl", "summary.json", "config.json", "ray_workers.json", "final", "tb",
              CHECKPOINTS, LEGACY, f"{LEGACY}.tmp", f"{LEGACY}.old")
-
-
-class OutputError(ConfigError):
-    """The output directory cannot take this run: not a directory, not writable, full, locked."""
 
 
 def check_output_dir(path) -> Path:

@@ -37,22 +37,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
+from lmpo.errors import WorkerError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo.config import ConfigError, validate
 from lmpo.io.stop import Interrupted
 from lmpo.models.load import hf_weights, load_causal_lm
 from lmpo.parallel.torchrun import combine_metrics
 from lmpo.rl.loop import Timer, collect, score, train
-from lmpo.rl.setup import reward_sources
+from lmpo.rl.setup import Rewards, reward_sources
 from lmpo.rollout import RolloutBatch
 from lmpo.rollout.engine import BuiltinEngine
-
-
-class WorkerError(RuntimeError):
-    """A Ray worker died past its restarts, or did not answer in time."""
 
 
 def _ray():
@@ -185,16 +181,14 @@ class RewardWorker:
     """The run's reward sources; scores batches exactly as ``rl.score`` does in one process."""
 
     def __init__(self, cfg, algo):
-
-        sources, weights = reward_sources(cfg)
-        self.view = SimpleNamespace(cfg=cfg, algo=algo, reward_sources=sources, reward_weights=weights, extra={})
+        self.cfg, self.algo, self.rewards = cfg, algo, Rewards(*reward_sources(cfg))
 
     def pid(self) -> int:
         return os.getpid()
 
     def score(self, batch, state=None):
 
-        stats = score(self.view, batch, state)
+        stats = score(self.cfg, self.algo, self.rewards, batch, state)
         return {"rewards": batch.rewards, "valid": batch.valid, "step_rewards": batch.step_rewards,
                 "step_ends": batch.step_ends, "reward_details": batch.reward_details, "stats": stats}
 

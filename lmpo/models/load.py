@@ -9,10 +9,7 @@ import os
 from pathlib import Path
 
 import torch
-
-
-class ModelError(ValueError):
-    """A model or tokenizer directory that cannot be used; the message names it."""
+from lmpo.errors import ModelError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 
 
 def quiet_transformers():

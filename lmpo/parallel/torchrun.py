@@ -168,7 +168,7 @@ def sync_grads(run):
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    opts = [o for o in (run.optimizer, run.critic_optimizer) if o is not None]
+    opts = run.optimizers                                   # the policy's, a separate critic's
     params = [p for o in opts for g in o.param_groups for p in g["params"]]
     grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
     for bucket in _buckets(grads, 2**25):

@@ -91,25 +91,26 @@ def decode(v, depth=0):
     raise ValueError("unknown tag %r" % (tag,))
 
 
-def _main(req_fd=None, resp_fd=None):  # pragma: no cover - runs inside the sandbox
-    import builtins
-    import os
-    import sys
+class _Session:  # pragma: no cover - runs inside the sandbox
+    """The solution's namespace, the handles handed out for objects that are not plain data, and
+    the reply pipe."""
 
-    if req_fd is None:
-        req_fd, resp_fd = int(sys.argv[1]), int(sys.argv[2])
-    sys.setrecursionlimit(10000)
-    handles = {}
-    reader = os.fdopen(req_fd, "rb", buffering=1 << 16)
+    def __init__(self, resp_fd):
+        import builtins
 
-    def reply(obj):
+        self.resp_fd, self.handles = resp_fd, {}
+        self.ns = {"__name__": "__solution__", "__builtins__": builtins}
+
+    def reply(self, obj):
+        import os
+
         data = (json.dumps(obj) + "\n").encode()
         view = memoryview(data)
         while view:
-            n = os.write(resp_fd, view)
+            n = os.write(self.resp_fd, view)
             view = view[n:]
 
-    def to_wire(value):
+    def to_wire(self, value):
         """Data if possible (numpy scalars/arrays become Python data), else a handle."""
         try:
             return encode(value)
@@ -121,52 +122,66 @@ def _main(req_fd=None, resp_fd=None):  # pragma: no cover - runs inside the sand
                 return encode(value.tolist())
             except Exception:
                 pass
-        hid = len(handles) + 1
-        handles[hid] = value
+        hid = len(self.handles) + 1
+        self.handles[hid] = value
         return ["h", hid]
 
-    def target_of(t, ns):
+    def target_of(self, t):
         if t[0] == "name":
-            return ns[t[1]]
-        return handles[int(t[1])]
+            return self.ns[t[1]]
+        return self.handles[int(t[1])]
 
-    ns = {"__name__": "__solution__", "__builtins__": builtins}
-    init = json.loads(reader.readline())
-    error = None
-    try:
-        exec(compile(init["code"], "solution.py", "exec"), ns)
-    except BaseException as e:  # SystemExit too: what was defined before it still counts
-        error = "%s: %s" % (type(e).__name__, e)
-    names = {}
-    for k, v in list(ns.items()):
-        if k.startswith("__") or type(v).__name__ == "module":
-            continue
+    def load(self, code: str) -> dict:
+        """Run the solution once; the reply lists its top-level names (values, callables, handles)."""
+        error = None
         try:
-            names[k] = ["v", encode(v)]
-        except (Unencodable, RecursionError):
-            names[k] = ["c"] if callable(v) else ["o", to_wire(v)]
-    reply({"id": 0, "ok": True, "names": names, "error": error})
+            exec(compile(code, "solution.py", "exec"), self.ns)
+        except BaseException as e:  # SystemExit too: what was defined before it still counts
+            error = "%s: %s" % (type(e).__name__, e)
+        names = {}
+        for k, v in list(self.ns.items()):
+            if k.startswith("__") or type(v).__name__ == "module":
+                continue
+            try:
+                names[k] = ["v", encode(v)]
+            except (Unencodable, RecursionError):
+                names[k] = ["c"] if callable(v) else ["o", self.to_wire(v)]
+        return {"id": 0, "ok": True, "names": names, "error": error}
 
-    while True:
-        line = reader.readline()
-        if not line:
-            os._exit(0)
-        req = json.loads(line)
+    def answer(self, req: dict) -> dict:
+        """One call or getattr on a name or a handle; any exception comes back as data."""
         try:
-            obj = target_of(req["target"], ns)
+            obj = self.target_of(req["target"])
             if req["op"] == "getattr":
                 result = getattr(obj, req["name"])
             else:
                 args = [decode(a) for a in req["args"]]
                 kwargs = {k: decode(v) for k, v in req["kwargs"]}
                 result = obj(*args, **kwargs)
-            reply({"id": req["id"], "ok": True, "value": to_wire(result)})
+            return {"id": req["id"], "ok": True, "value": self.to_wire(result)}
         except BaseException as e:
             try:
                 msg = str(e)[:500]
             except BaseException:
                 msg = "<unprintable>"
-            reply({"id": req["id"], "ok": False, "etype": type(e).__name__, "error": msg})
+            return {"id": req["id"], "ok": False, "etype": type(e).__name__, "error": msg}
+
+
+def _main(req_fd=None, resp_fd=None):  # pragma: no cover - runs inside the sandbox
+    import os
+    import sys
+
+    if req_fd is None:
+        req_fd, resp_fd = int(sys.argv[1]), int(sys.argv[2])
+    sys.setrecursionlimit(10000)
+    reader = os.fdopen(req_fd, "rb", buffering=1 << 16)
+    session = _Session(resp_fd)
+    session.reply(session.load(json.loads(reader.readline())["code"]))
+    while True:
+        line = reader.readline()
+        if not line:
+            os._exit(0)
+        session.reply(session.answer(json.loads(line)))
 
 
 if __name__ == "__main__":

@@ -182,56 +182,87 @@ def reward_inputs(rows: list[dict], completions: list[str]) -> tuple[list, list,
     return prompts, comps, {k: [r.get(k) for r in rows] for k in keys}
 
 
+@dataclass(frozen=True)
+class CallPolicy:
+    """How a batch's reward functions are called: at most ``max_workers`` plain functions at once,
+    ``timeout_s`` seconds each (None = no limit; a late one fails the batch), and ``on_error``:
+    "skip" (failed samples become invalid, counted and logged) or "raise" (the first failure
+    raises RewardError naming function, sample and cause)."""
+
+    max_workers: int = 4
+    on_error: str = "skip"
+    timeout_s: float | None = None
+
+
 def compute_rewards(funcs, weights, prompts, completions, columns=None, *, completion_ids=None,
-                    trainer_state=None, max_workers=4, on_error="skip", timeout_s=None) -> RewardResult:
-    """Run every reward function on the batch (concurrently) and combine them.
+                    trainer_state=None, how: CallPolicy = CallPolicy()) -> RewardResult:
+    """Run every reward function on the batch (concurrently) and combine them: Σ_k w_k·r_k per
+    sample, over the functions that scored it (None = abstain); a NaN, inf or raised call makes
+    the sample invalid (reward NaN).
 
     ``funcs``: [(name, function)] as returned by :func:`resolve_reward_funcs` (bare
     callables and specs are resolved too). ``weights``: one per function, or None for all 1.
     Each function is called as TRL calls it: ``f(prompts=, completions=, completion_ids=,
     **columns, trainer_state=, log_metric=, log_extra=)``; ``columns`` are the dataset's other
     columns, lists aligned with ``completions``. ``async def`` functions are awaited together.
-    ``timeout_s``: seconds each function may take (None = no limit); a late one fails the batch.
-    ``on_error``: "skip" (failed samples become invalid, counted and logged) or "raise"
-    (the first failure raises RewardError naming function, sample and cause).
+    ``how``: workers, timeout and what a failure does (``CallPolicy``).
     """
-    if on_error not in ("skip", "raise"):
-        raise RewardError("on_error must be 'skip' or 'raise', got %r" % (on_error,))
+    if how.on_error not in ("skip", "raise"):
+        raise RewardError("on_error must be 'skip' or 'raise', got %r" % (how.on_error,))
     funcs = [f if isinstance(f, tuple) and len(f) == 2 else resolve_reward_funcs([f])[0] for f in funcs]
     n = len(completions)
     weights = [1.0] * len(funcs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(funcs):
-        raise RewardError("got %d reward weights for %d reward functions (%s)"
-                          % (len(weights), len(funcs), ", ".join(name for name, _ in funcs)))
-    if len(prompts) != n:
-        raise RewardError("got %d prompts for %d completions" % (len(prompts), n))
     columns = dict(columns or {})
-    for key, col in columns.items():
-        if len(col) != n:
-            raise RewardError("column %r has %d values for %d completions" % (key, len(col), n))
-    if completion_ids is not None and len(completion_ids) != n:
-        raise RewardError("got %d completion_ids for %d completions" % (len(completion_ids), n))
+    _check_batch(funcs, weights, prompts, n, columns, completion_ids)
     logs = RewardLogs(n)
     kwargs = {"prompts": list(prompts), "completions": list(completions), "completion_ids": completion_ids,
               **columns, "trainer_state": trainer_state or TrainerState(),
               "log_metric": logs.log_metric, "log_extra": logs.log_extra}
     for name, func in funcs:
         check_arguments(name, func, kwargs)
-    outputs = call_all(funcs, kwargs, timeout_s, max_workers)
-
-    per_func, metrics, failures, errors = {}, {}, [], {}
-    total = [0.0] * n
-    numbers_seen = [0] * n
-    failed = [False] * n
+    outputs = call_all(funcs, kwargs, how.timeout_s, how.max_workers)
+    acc = _Combined(n)
     for (name, _), w, (out, exc, seconds) in zip(funcs, weights, outputs):
-        metrics["time/reward/%s_s" % name] = seconds
+        acc.add(name, w, out, exc, seconds, how.on_error)
+        if all(v is None for v in acc.per_func[name]):
+            acc.errors.setdefault(name, "returned None for every sample (the keywords it got: %s)"
+                                  % ", ".join(k for k in kwargs))
+    return acc.result(logs)
+
+
+def _check_batch(funcs, weights, prompts, n: int, columns: dict, completion_ids):
+    """RewardError when the batch's parts do not line up: weights with functions, prompts, columns
+    and completion ids with the ``n`` completions."""
+    if len(weights) != len(funcs):
+        raise RewardError("got %d reward weights for %d reward functions (%s)"
+                          % (len(weights), len(funcs), ", ".join(name for name, _ in funcs)))
+    if len(prompts) != n:
+        raise RewardError("got %d prompts for %d completions" % (len(prompts), n))
+    for key, col in columns.items():
+        if len(col) != n:
+            raise RewardError("column %r has %d values for %d completions" % (key, len(col), n))
+    if completion_ids is not None and len(completion_ids) != n:
+        raise RewardError("got %d completion_ids for %d completions" % (len(completion_ids), n))
+
+
+class _Combined:
+    """The weighted sum over reward functions as their outputs come in, with per-function values,
+    metrics, failures and each function's first error."""
+
+    def __init__(self, n: int):
+        self.n, self.per_func, self.metrics, self.failures, self.errors = n, {}, {}, [], {}
+        self.total, self.numbers_seen, self.failed = [0.0] * n, [0] * n, [False] * n
+
+    def add(self, name: str, w: float, out, exc, seconds: float, on_error: str):
+        n = self.n
+        self.metrics["time/reward/%s_s" % name] = seconds
         if exc is not None:
             msg = "reward %r raised on the batch (samples 0-%d): %s" % (name, n - 1, describe(exc))
-            errors[name] = describe(exc)
+            self.errors[name] = describe(exc)
             if on_error == "raise":
                 raise RewardError("reward function %r failed on sample 0 (the whole batch of %d): %s"
                                   % (name, n, describe(exc))) from exc
-            failures.append(msg)
+            self.failures.append(msg)
             values = [math.nan] * n
         else:
             values = _check_output(name, out, n)
@@ -239,33 +270,33 @@ def compute_rewards(funcs, weights, prompts, completions, columns=None, *, compl
             if v is None:
                 continue
             if math.isfinite(v):
-                total[i] += w * v
-                numbers_seen[i] += 1
+                self.total[i] += w * v
+                self.numbers_seen[i] += 1
             else:
-                failed[i] = True
+                self.failed[i] = True
                 if exc is None:
                     line = "reward %r returned %r for sample %d" % (name, v, i)
                     if on_error == "raise":
                         raise RewardError("reward function %r failed on sample %d: returned %r"
                                           % (name, i, v))
-                    errors.setdefault(name, "returned %r for sample %d" % (v, i))
-                    failures.append(line)
+                    self.errors.setdefault(name, "returned %r for sample %d" % (v, i))
+                    self.failures.append(line)
         nums = [v for v in values if v is not None and math.isfinite(v)]
-        per_func[name] = values
-        metrics["reward/%s/mean" % name] = sum(nums) / len(nums) if nums else math.nan
-        metrics["reward/%s/failures" % name] = float(sum(1 for v in values if v is not None and not math.isfinite(v)))
-        if all(v is None for v in values):
-            errors.setdefault(name, "returned None for every sample (the keywords it got: %s)"
-                              % ", ".join(k for k in kwargs))
-    valid = [not failed[i] and numbers_seen[i] > 0 for i in range(n)]
-    rewards = [total[i] if valid[i] else math.nan for i in range(n)]
-    good = [r for r, ok in zip(rewards, valid) if ok]
-    metrics["reward/mean"] = sum(good) / len(good) if good else math.nan
-    metrics["reward/invalid"] = float(n - len(good))
-    if failures:
-        log.warning("%d reward failure(s) in a batch of %d: %s%s", len(failures), n,
-                    "; ".join(failures[:3]), " ..." if len(failures) > 3 else "")
-    return RewardResult(rewards, valid, per_func, metrics, failures, errors, logs.metrics(), logs.extra)
+        self.per_func[name] = values
+        self.metrics["reward/%s/mean" % name] = sum(nums) / len(nums) if nums else math.nan
+        self.metrics["reward/%s/failures" % name] = float(sum(1 for v in values if v is not None and not math.isfinite(v)))
+
+    def result(self, logs) -> RewardResult:
+        n, metrics, failures = self.n, self.metrics, self.failures
+        valid = [not self.failed[i] and self.numbers_seen[i] > 0 for i in range(n)]
+        rewards = [self.total[i] if valid[i] else math.nan for i in range(n)]
+        good = [r for r, ok in zip(rewards, valid) if ok]
+        metrics["reward/mean"] = sum(good) / len(good) if good else math.nan
+        metrics["reward/invalid"] = float(n - len(good))
+        if failures:
+            log.warning("%d reward failure(s) in a batch of %d: %s%s", len(failures), n,
+                        "; ".join(failures[:3]), " ..." if len(failures) > 3 else "")
+        return RewardResult(rewards, valid, self.per_func, metrics, failures, self.errors, logs.metrics(), logs.extra)
 
 
 class RewardLogs:
@@ -338,37 +369,20 @@ def call_all(funcs, kwargs: dict, timeout_s: float | None = None, max_workers: i
     results: list = [None] * len(funcs)
     done: queue.SimpleQueue = queue.SimpleQueue()
     started: dict[int, float] = {}
-
-    def run_sync(i, t0):
-        try:
-            done.put((i, funcs[i][1](**kwargs), None, time.perf_counter() - t0))
-        except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, never raised here
-            done.put((i, None, e, time.perf_counter() - t0))
-
-    async def run_async(i, t0):
-        try:
-            out = await funcs[i][1](**kwargs)
-            done.put((i, out, None, time.perf_counter() - t0))
-        except BaseException as e:  # noqa: BLE001
-            done.put((i, None, e, time.perf_counter() - t0))
-
-    async def gather(idx, t0):
-        await asyncio.gather(*(run_async(i, t0) for i in idx))
-
     asyncs = [i for i, (_, f) in enumerate(funcs) if _is_async(f)]
     waiting = [i for i in range(len(funcs)) if i not in asyncs]
     running_sync: set[int] = set()
     if asyncs:
         t0 = time.perf_counter()
         started.update({i: t0 for i in asyncs})
-        threading.Thread(target=asyncio.run, args=(gather(asyncs, t0),), daemon=True,
+        threading.Thread(target=asyncio.run, args=(_gather(funcs, asyncs, kwargs, t0, done),), daemon=True,
                          name="lmpo-reward-async").start()
     while any(r is None for r in results):
         while waiting and len(running_sync) < max(1, max_workers):
             i = waiting.pop(0)
             started[i] = time.perf_counter()
             running_sync.add(i)
-            threading.Thread(target=run_sync, args=(i, started[i]), daemon=True,
+            threading.Thread(target=_call_sync, args=(funcs[i][1], kwargs, i, started[i], done), daemon=True,
                              name="lmpo-reward-%s" % funcs[i][0]).start()
         pending = [i for i in started if results[i] is None]
         wait = None
@@ -377,18 +391,45 @@ def call_all(funcs, kwargs: dict, timeout_s: float | None = None, max_workers: i
         try:
             i, out, exc, seconds = done.get(timeout=wait)
         except queue.Empty:
-            now = time.perf_counter()
-            for i in pending:
-                if now - started[i] >= timeout_s:
-                    results[i] = (None, TimeoutError(
-                        "did not return within reward_timeout_s=%g s (left running in the background)"
-                        % timeout_s), now - started[i])
-                    running_sync.discard(i)
+            for i in _timed_out(pending, started, timeout_s, results):
+                running_sync.discard(i)
             continue
         if results[i] is None:
             results[i] = (out, exc, seconds)
             running_sync.discard(i)
     return results
+
+
+def _call_sync(fn, kwargs: dict, i: int, t0: float, done: queue.SimpleQueue):
+    """Call i's (output, exception, seconds) onto ``done``: any exception, never raised here."""
+    try:
+        done.put((i, fn(**kwargs), None, time.perf_counter() - t0))
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: reported, never raised here
+        done.put((i, None, e, time.perf_counter() - t0))
+
+
+async def _call_async(fn, kwargs: dict, i: int, t0: float, done: queue.SimpleQueue):
+    try:
+        out = await fn(**kwargs)
+        done.put((i, out, None, time.perf_counter() - t0))
+    except BaseException as e:  # noqa: BLE001
+        done.put((i, None, e, time.perf_counter() - t0))
+
+
+async def _gather(funcs, idx: list[int], kwargs: dict, t0: float, done: queue.SimpleQueue):
+    await asyncio.gather(*(_call_async(funcs[i][1], kwargs, i, t0, done) for i in idx))
+
+
+def _timed_out(pending: list[int], started: dict, timeout_s: float, results: list) -> list[int]:
+    """The pending calls past ``timeout_s`` since their start, each given a TimeoutError result."""
+    now, out = time.perf_counter(), []
+    for i in pending:
+        if now - started[i] >= timeout_s:
+            results[i] = (None, TimeoutError(
+                "did not return within reward_timeout_s=%g s (left running in the background)"
+                % timeout_s), now - started[i])
+            out.append(i)
+    return out
 
 
 def describe(exc: BaseException) -> str:

@@ -1,10 +1,3 @@
-"""The one error type of the reward layer."""
+"""The reward layer's error type (its home is ``lmpo.errors``; imported from here too)."""
 
-
-class RewardError(ValueError):
-    """A reward function or reward source is misconfigured or broke its contract.
-
-    Raised for unknown reward specs, reward functions that return the wrong shape, remote
-    endpoints that keep failing, and (with ``on_error="raise"``) the first per-sample failure.
-    The message always names the function, URL or spec involved.
-    """
+from lmpo.errors import RewardError  # noqa: F401

@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from lmpo.errors import SandboxUnavailable  # noqa: F401 (its home is lmpo.errors; imported from here too)
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,6 @@ HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_harness.py"
 PYTHON = os.path.realpath(sys.executable)
 SANDBOX_UID_MIN = 10**6
 OUTPUT_MAX = 16 << 20  # bytes read from the harness pipe at most (result line + test prints)
-
-
-class SandboxUnavailable(RuntimeError):
-    """The sandbox's guarantees cannot be given on this machine (the message says which)."""
 
 
 @dataclass(frozen=True)

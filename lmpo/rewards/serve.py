@@ -67,17 +67,7 @@ def make_server(func, host: str = "127.0.0.1", port: int = 0, name: str | None =
                 length = int(self.headers.get("Content-Length") or 0)
                 if not 0 < length <= MAX_BODY:
                     raise ValueError("Content-Length must be 1..%d" % MAX_BODY)
-                req = json.loads(self.rfile.read(length))
-                prompts, completions = req["prompts"], req["completions"]
-                columns = req.get("columns") or {}
-                ids, state = req.get("completion_ids"), req.get("trainer_state") or {}
-                if not (isinstance(prompts, list) and isinstance(completions, list)
-                        and isinstance(columns, dict) and len(prompts) == len(completions)):
-                    raise ValueError("need lists 'prompts' and 'completions' of equal length and a dict 'columns'")
-                clash = [k for k in columns if k in RESERVED]
-                if clash:
-                    raise ValueError("column %r has the name of a reward-function keyword" % clash[0])
-                state = TrainerState(**{k: state[k] for k in ("global_step", "max_steps", "epoch") if k in state})
+                prompts, completions, ids, columns, state = _parse_request(json.loads(self.rfile.read(length)))
             except (ValueError, KeyError, TypeError) as e:
                 self._send(400, {"error": "bad request: %s" % e})
                 return
@@ -91,20 +81,40 @@ def make_server(func, host: str = "127.0.0.1", port: int = 0, name: str | None =
                 log.exception("reward %s failed", name)
                 self._send(500, {"error": describe(e)})
                 return
-            # JSON has no NaN: a non-finite reward is sent as null plus its index in "failed".
-            failed = [i for i, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
-            for i in failed:
-                rewards[i] = None
-            reply = {"rewards": rewards, **({"failed": failed} if failed else {})}
-            if logs.scalars:
-                reply["metrics"] = logs.metrics()
-            if logs.extra:
-                reply["extra"] = json.loads(json.dumps(logs.extra, default=str))
-            self._send(200, reply)
+            self._send(200, _reply(rewards, logs))
 
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     return server
+
+
+def _parse_request(req: dict) -> tuple:
+    """(prompts, completions, completion_ids, columns, trainer_state) of a request body; ValueError,
+    KeyError or TypeError (HTTP 400) when it is malformed."""
+    prompts, completions = req["prompts"], req["completions"]
+    columns = req.get("columns") or {}
+    ids, state = req.get("completion_ids"), req.get("trainer_state") or {}
+    if not (isinstance(prompts, list) and isinstance(completions, list)
+            and isinstance(columns, dict) and len(prompts) == len(completions)):
+        raise ValueError("need lists 'prompts' and 'completions' of equal length and a dict 'columns'")
+    clash = [k for k in columns if k in RESERVED]
+    if clash:
+        raise ValueError("column %r has the name of a reward-function keyword" % clash[0])
+    state = TrainerState(**{k: state[k] for k in ("global_step", "max_steps", "epoch") if k in state})
+    return prompts, completions, ids, columns, state
+
+
+def _reply(rewards: list, logs: RewardLogs) -> dict:
+    """The response body. JSON has no NaN: a non-finite reward is sent as null plus its index in "failed"."""
+    failed = [i for i, r in enumerate(rewards) if r is not None and not math.isfinite(r)]
+    for i in failed:
+        rewards[i] = None
+    reply = {"rewards": rewards, **({"failed": failed} if failed else {})}
+    if logs.scalars:
+        reply["metrics"] = logs.metrics()
+    if logs.extra:
+        reply["extra"] = json.loads(json.dumps(logs.extra, default=str))
+    return reply
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,13 +4,60 @@ policy's samples, replaying a fraction (10 %) of historical pairs so it does not
 
 New pairs are labelled by the reward sources other than the reward model (verifiers): within a
 group, the best-scored completion is ``chosen`` and the worst ``rejected`` when their scores differ.
+The state across steps (new pairs, history) is ``Iterative``, a part of the run (``run.iterative``).
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from lmpo.stages.reward_model import continue_training
+
+from lmpo.stages.reward_model import FitSpec, continue_training
+
+
+@dataclass
+class Iterative:
+    """Iterative GRPO's settings and its state across steps (checkpointed): the verifier-labelled
+    pairs collected since the last reset and the pairs the reward model was trained on before."""
+
+    reset_steps: int = 0                  # K: every K steps the reference becomes the policy (0: off)
+    rm_retrain: bool = False              # retrain the reward model at each reset
+    rm_replay: float = 0.1                # share of each retraining batch drawn from the history
+    new_pairs: list = field(default_factory=list)
+    history: list = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Iterative":
+        it = cfg.iterative
+        return cls(it.ref_reset_steps, it.rm_retrain, it.rm_replay)
+
+    def add_pairs(self, prompts: list[str], completions: list[str], per_func: dict, weights: dict, group_size: int):
+        """This batch's verifier-labelled (chosen, rejected) pairs, for the next reward-model update."""
+        if self.rm_retrain:
+            labels = verifier_labels(per_func, weights)
+            self.new_pairs.extend(group_pairs(prompts, completions, labels, group_size))
+
+    def after_step(self, step: int, policy, ref, reward_model, output_dir, seed: int, metrics: dict):
+        """At every K-th step: the reference takes the policy's weights; with ``rm_retrain`` the
+        reward model (``reward_model``: its scorer) continues training on the new pairs with replay."""
+        if not self.reset_steps or step % self.reset_steps:
+            return
+        if ref is not None:
+            metrics["iterative/kl_before_reset"] = metrics.get("kl", 0.0)
+            ref.load_state_dict(policy.state_dict())
+            metrics["iterative/reset"] = 1
+        if self.rm_retrain and self.new_pairs:
+            new, self.new_pairs = self.new_pairs, []
+            metrics.update(retrain_reward_model(reward_model, new, self.history, output_dir, self.rm_replay,
+                                                seed=seed + step))
+            self.history.extend(new)
+
+    def state(self) -> dict:
+        return {"rm_new_pairs": self.new_pairs, "rm_history": self.history}
+
+    def load(self, state: dict):
+        self.new_pairs, self.history = state.get("rm_new_pairs", []), state.get("rm_history", [])
 
 
 def group_pairs(prompts: list[str], completions: list[str], labels: list, group_size: int) -> list[dict]:
@@ -49,6 +96,7 @@ def retrain_reward_model(scorer, new_pairs: list[dict], history: list[dict], out
             shutil.rmtree(own)
         shutil.copytree(scorer.path, own)
         scorer.path = str(own)
-    stats = continue_training(str(own), new_pairs, history, replay_frac=replay_frac, steps=steps, lr=lr, seed=seed)
+    stats = continue_training(str(own), new_pairs, history, replay_frac=replay_frac, fit=FitSpec(steps=steps, lr=lr),
+                              seed=seed)
     scorer.reload()
     return stats

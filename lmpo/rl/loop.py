@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmpo.errors import DivergedError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo import algorithms as A
 from lmpo.config import Config, ConfigError, to_dict
 from lmpo.data import render_prompt
@@ -22,26 +23,20 @@ from lmpo.rollout import RolloutBatch
 from lmpo.rollout.engine import BuiltinEngine, RolloutEngine, SamplingSpec
 from lmpo.rollout.vllm_engine import VLLMEngine
 from lmpo.parallel import torchrun as D
-from lmpo.rl.forward import completion_logp, sequence_inputs
+from lmpo.rl.forward import completion_logp
 from lmpo.io.checkpoint import no_space
 from lmpo.io.logging import MetricsLogger
 from lmpo.rl.monitors import Monitors
 from lmpo.io.rundir import guard, no_space_error
-from lmpo.rl.setup import Run, checkpoint, rewind, setup, step_mark
+from lmpo.rl.setup import Rewards, Run, checkpoint, rewind, setup, step_mark
 from lmpo.io.stop import Interrupted, StopSignals
 from lmpo.rollout.env import make_env_engine
-from lmpo.rewards.combine import RewardLogs, TrainerState, call_all, check_arguments, compute_rewards, describe, reward_inputs, watch_total_failure
+from lmpo.rewards.combine import CallPolicy, RewardLogs, TrainerState, call_all, check_arguments, compute_rewards, describe, reward_inputs, watch_total_failure
 from lmpo.rewards.process import is_process_reward
-from lmpo.rl.iterative import group_pairs, retrain_reward_model, verifier_labels
+from lmpo.rl.iterative import Iterative
 from lmpo.rewards.errors import RewardError
-from lmpo.models.value import param_bytes, token_values
 from lmpo.stages.sft import completion_nll, encode_pairs
 from lmpo.stages.evaluate import eval_sources, held_out_accuracy
-
-
-class DivergedError(ConfigError):
-    """Training diverged: non-finite losses, gradients or weights (almost always a setting: the
-    learning rate, the gradient clipping, the rewards). Exit status 2 from the CLI."""
 
 
 class Timer(dict):
@@ -83,12 +78,7 @@ def start(cfg: Config, resume: bool = False, workers=None) -> Run:
 
 def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
     run = start(cfg, resume, workers)                               # models, data, rollout engine and scorer
-    out = Path(cfg.output_dir)
-    if run.world.main:                                              # with several processes rank 0 writes
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    log = MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
-                        desc=cfg.algorithm, report_to=cfg.report_to, config=to_dict(cfg)) if run.world.main else D.NullLog()
+    log = open_log(run)
     metrics: dict = {}
     monitor = Monitors.for_run(run)                                 # collapse, drift and reward-hacking alarms
     t_start = time.perf_counter()
@@ -114,15 +104,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
                 metrics.update(evaluate_policy(run))
             monitor.watch(run, batch, metrics)                      # monitor/* signals; alarms warn or mark a stop
             log.log(run.step, metrics, samples(batch, cfg.log_samples))
-            saved = run.step % cfg.save_steps == 0 or run.step == cfg.max_steps
-            if saved:
-                check_finite_weights(run)
-                checkpoint(run)
-            if monitor.pending:                                     # monitor.action=stop: the whole step saved, exit 2
-                if not saved:
-                    check_finite_weights(run)
-                    checkpoint(run)
-                monitor.enforce()
+            save_if_due(run, monitor)
         if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
             raise Interrupted(signum, run.step, checkpoint(run) if run.step else None)
     except BaseException as e:
@@ -145,6 +127,26 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
     return metrics
 
 
+def open_log(run: Run):
+    """config.json and the metrics logger (rank 0 writes; other ranks get a logger that drops everything)."""
+    cfg, out = run.cfg, Path(run.cfg.output_dir)
+    if not run.world.main:
+        return D.NullLog()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    return MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
+                         desc=cfg.algorithm, report_to=cfg.report_to, config=to_dict(cfg))
+
+
+def save_if_due(run: Run, monitor):
+    """A checkpoint every ``save_steps`` and at the last step, and when a monitor alarm with
+    ``monitor.action=stop`` is pending: the whole step is saved, then the alarm stops the run (exit 2)."""
+    if run.step % run.cfg.save_steps == 0 or run.step == run.cfg.max_steps or monitor.pending:
+        check_finite_weights(run)
+        checkpoint(run)
+    monitor.enforce()
+
+
 # ----------------------------------------------------------------------------- rollout + reward
 
 
@@ -158,7 +160,7 @@ def attach(run: Run, workers=None):
         if run.cfg.env.name:                                 # multi-turn episodes with an environment
             run.engine = make_env_engine(run, run.engine)
         run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
-        run.scorer = lambda batch, state=None: score(run, batch, state)
+        run.scorer = lambda batch, state=None: score(run.cfg, run.algo, run.rewards, batch, state, run.iterative)
 
 
 def make_engine(run: Run) -> RolloutEngine:
@@ -242,26 +244,29 @@ def reward_state(run: Run, step: int | None = None):
                         epoch=stream.epoch + stream.pos / max(1, len(stream.rows)))
 
 
-def score(run: Run, batch: RolloutBatch, state=None) -> dict:
+def score(cfg: Config, algo, reward_set: Rewards, batch: RolloutBatch, state=None,
+          iterative: Iterative | None = None) -> dict:
     """batch.rewards [N] (NaN where a reward source failed) and batch.valid [N]; process reward
     sources fill batch.step_rewards / step_ends; DAPO's overlong shaping is added to the reward.
     Every source is called as TRL calls it (``lmpo.rewards.combine``); one that gives nothing on
-    every sample for ``reward_fail_steps`` consecutive batches stops the run."""
-    cfg, state = run.cfg, state or TrainerState(max_steps=run.cfg.max_steps)
+    every sample for ``reward_fail_steps`` consecutive batches stops the run. ``iterative``: iterative
+    GRPO's state, which collects verifier-labelled pairs for its reward model."""
+    state = state or TrainerState(max_steps=cfg.max_steps)
     prompts, completions, columns = reward_inputs(batch.rows, batch.completions)      # TRL's two forms
     ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]  # EOS included
-    pairs = list(zip(run.reward_sources, run.reward_weights))
+    pairs = list(zip(reward_set.sources, reward_set.weights))
     outcome = [(s, w) for s, w in pairs if not is_process_reward(s[1])]
     process = [(s, w) for s, w in pairs if is_process_reward(s[1])]
     device = batch.mask.device
     metrics, dead, details = {}, {}, [{"rewards": {}, "extra": {}} for _ in range(len(batch))]
-    call = dict(completion_ids=ids, trainer_state=state, max_workers=cfg.reward_workers, timeout_s=cfg.reward_timeout_s)
+    call = dict(completion_ids=ids, trainer_state=state, timeout_s=cfg.reward_timeout_s)
     if process:
         mean_step, dead, metrics = process_rewards(batch, process, prompts, completions, columns, call)
         rewards, valid = mean_step, ~torch.isnan(mean_step)
     if outcome:
-        res = compute_rewards([s for s, _ in outcome], [w for _, w in outcome], prompts, completions,
-                              columns, on_error=cfg.reward_errors, **call)
+        res = compute_rewards([s for s, _ in outcome], [w for _, w in outcome], prompts, completions, columns,
+                              completion_ids=ids, trainer_state=state,
+                              how=CallPolicy(cfg.reward_workers, cfg.reward_errors, cfg.reward_timeout_s))
         if res.failures:
             import warnings
 
@@ -274,17 +279,15 @@ def score(run: Run, batch: RolloutBatch, state=None) -> dict:
         for i, d in enumerate(details):                         # per-source rewards and log_extra, for samples.jsonl
             d["rewards"] = {name: _finite(values[i]) for name, values in res.per_func.items()}
             d["extra"] = {col: values[i] for col, values in res.extra.items()}
-        if run.cfg.iterative.rm_retrain:  # verifier-labelled pairs from this policy, for the next RM update
-            labels = verifier_labels(res.per_func, {name: w for (name, _), w in outcome})
-            run.extra.setdefault("rm_new_pairs", []).extend(
-                group_pairs(batch.prompts, batch.completions, labels, run.cfg.group_size))
-    watch_total_failure(run.extra.setdefault("reward_fail_streaks", {}), [name for (name, _), _ in pairs], dead,
+        if iterative is not None:       # verifier-labelled pairs from this policy, for the next RM update
+            iterative.add_pairs(batch.prompts, batch.completions, res.per_func,
+                                {name: w for (name, _), w in outcome}, cfg.group_size)
+    watch_total_failure(reward_set.fail_streaks, [name for (name, _), _ in pairs], dead,
                         cfg.reward_fail_steps, state.global_step + 1, cfg.reward_timeout_s)
     batch.reward_details = details
     lengths = batch.mask.sum(-1)
-    if run.algo.overlong_buffer:
-        rewards = rewards + A.overlong_penalty(lengths, run.cfg.max_new_tokens, run.algo.overlong_buffer,
-                                               run.algo.overlong_penalty)
+    if algo.overlong_buffer:
+        rewards = rewards + A.overlong_penalty(lengths, cfg.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty)
     valid = valid & torch.isfinite(rewards)      # float32: 1e39 is inf there; NaN or inf = an invalid sample
     batch.rewards, batch.valid = rewards, valid
     r = rewards[valid].double()                  # float64: sums of rewards near 3e38 do not overflow
@@ -359,17 +362,11 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
         if run.use_ref:
             batch.ref_logp = ref_logp_of(run, batch)
     with t("prepare/values"):
-        if algo.critic == "separate" and one_critic_forward(run, batch):
-            with torch.enable_grad():                      # the update's critic forward, done once, here
-                batch.values_live = values_of(run, batch)
-            batch.values = batch.values_live.detach()
-        elif algo.critic == "separate":
-            batch.values = values_of(run, batch)
-        elif algo.critic == "shared":
-            _, _, batch.values = completion_logp(run.policy, batch, cfg.temperature, value_head=run.value_head)
+        if run.critic is not None:                         # V(s_t) [N, T] before the update
+            run.critic.fill_values(run.policy, batch, cfg.temperature, keep_graph=one_update_pass(run, batch))
     stats = {}
     if batch.turn_rewards is not None and algo.advantage in ("gae", "reinforce_pp"):   # turn rewards where earned
-        w = sum(wt for (name, _), wt in zip(run.reward_sources, run.reward_weights) if name == "env_reward")
+        w = sum(wt for (name, _), wt in zip(run.rewards.sources, run.rewards.weights) if name == "env_reward")
         batch.token_rewards = A.turn_token_rewards(rewards, batch.turn_rewards, w, batch.mask)   # [N, T]
     if algo.kl_placement == "reward" and batch.ref_logp is not None:
         behaviour = batch.old_logp if batch.old_logp is not None else batch.sampler_logp
@@ -390,8 +387,9 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
 def advantages(run: Run, *, mask, **rows) -> tuple:
     """The estimator, then whitening over the batch's real tokens when the algorithm asks for it."""
     algo = run.algo
-    adv, returns = A.ADVANTAGES[algo.advantage](mask=mask, group_size=run.cfg.group_size, gamma=algo.gamma,
-                                                lam=algo.lam, eps=algo.adv_eps, **rows)        # [N, T]
+    adv, returns = A.ADVANTAGES[algo.advantage](A.AdvantageInputs(mask=mask, group_size=run.cfg.group_size,
+                                                                  gamma=algo.gamma, lam=algo.lam, eps=algo.adv_eps,
+                                                                  **rows))                    # [N, T]
     return (A.whiten(adv, mask) * mask if algo.whiten_advantages else adv), returns
 
 
@@ -411,9 +409,9 @@ def old_logp_mode(run: Run) -> str:
     return "current" if single and (not needs_before_update or sampler_is_old) else "recompute"
 
 
-def one_critic_forward(run: Run, batch: RolloutBatch) -> bool:
-    """One optimizer step per rollout on one micro-batch: the critic's values before the update are
-    the values the loss needs, so its forward runs once (kept with its graph) instead of twice."""
+def one_update_pass(run: Run, batch: RolloutBatch) -> bool:
+    """One optimizer step per rollout on one micro-batch: a separate critic's values before the update
+    are the values the loss needs, so its forward runs once (kept with its graph) instead of twice."""
     cfg = run.cfg
     return (cfg.epochs == 1 and cfg.minibatches == 1 and run.world.size == 1
             and (cfg.micro_batch_size is None or cfg.micro_batch_size >= len(batch)))
@@ -434,12 +432,6 @@ def ref_logp_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
         return logp_of(run, run.ref, batch)
     with run.policy.disable_adapter():  # LoRA: the reference is the base model
         return logp_of(run, run.policy, batch)
-
-
-def values_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
-    ids, attn, pos = sequence_inputs(batch)
-    with autocast(run):
-        return token_values(run.critic, ids, attn, pos, batch.completion_ids.shape[1]).float()
 
 
 def autocast(run: Run):
@@ -467,9 +459,8 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
             mb = batch.select(mb_idx)
             totals = D.all_sum(run, {"global_tokens": mb.mask.sum(), "global_seqs": (mb.mask.sum(-1) > 0).sum()})
             totals = {k: v.clamp(min=1) for k, v in totals.items()}     # over all ranks' minibatches
-            run.optimizer.zero_grad(set_to_none=True)
-            if run.critic_optimizer is not None:
-                run.critic_optimizer.zero_grad(set_to_none=True)
+            for opt in run.optimizers:                                   # the policy's, a separate critic's
+                opt.zero_grad(set_to_none=True)
             loss_finite = True
             with t("update"):
                 for idx in micro_batches(run, torch.arange(len(mb))):
@@ -537,17 +528,10 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
             "entropy": float(entropy[real].mean()) if real.any() else 0.0,
             "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
         })
-    if algo.critic is not None:
-        if mb.values_live is not None:
-            values = mb.values_live                        # computed in prepare with its graph
-        elif algo.critic == "separate":
-            ids, attn, pos = sequence_inputs(mb)
-            with autocast(run):
-                values = token_values(run.critic, ids, attn, pos, mb.completion_ids.shape[1]).float()
-        vl = A.aggregate_loss(A.value_loss(values, mb.values, mb.returns, mask, cfg.ppo.value_clip), mask,
-                              mode="token-mean", global_tokens=totals["global_tokens"])
-        loss = loss + cfg.ppo.vf_coef * vl
-        stats["critic/loss"] = vl.item()
+    if run.critic is not None:                            # + vf_coef · value loss
+        vl, critic_stats = run.critic.loss(mb, values, totals)
+        loss = loss + vl
+        stats.update(critic_stats)
     if cfg.ppo.ptx_coef > 0:
         ptx = ptx_loss(run, len(mb) / float(totals["global_seqs"]))
         loss = loss + cfg.ppo.ptx_coef * ptx
@@ -571,30 +555,27 @@ def clip_and_step(run: Run, loss_finite: bool = True) -> tuple[float, bool]:
     non-finite loss or gradient norm (policy or critic) skips the step: the gradients are dropped,
     the weights, the optimizer state and the learning-rate schedule stay as they were. The norms
     are of the gradients summed over ranks, so every rank takes the same decision."""
-    params = [p for g in run.optimizer.param_groups for p in g["params"]]
-    norm = float(torch.nn.utils.clip_grad_norm_(params, run.cfg.max_grad_norm or float("inf")))
-    c_norm = 0.0
-    if run.critic_optimizer is not None:
-        c_norm = float(torch.nn.utils.clip_grad_norm_(run.critic.parameters(), run.cfg.max_grad_norm or float("inf")))
-    if not (loss_finite and math.isfinite(norm) and math.isfinite(c_norm)):
-        run.optimizer.zero_grad(set_to_none=True)
-        if run.critic_optimizer is not None:
-            run.critic_optimizer.zero_grad(set_to_none=True)
-        return norm, False
+    norms = [float(torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                                  run.cfg.max_grad_norm or float("inf")))
+             for opt in run.optimizers]                   # the policy's (with a shared value head), a critic's
+    if not (loss_finite and all(math.isfinite(n) for n in norms)):
+        for opt in run.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return norms[0], False
     if run.step >= run.cfg.ppo.critic_warmup_steps:     # PPO critic warm-up: the policy waits
         run.optimizer.step()
         run.scheduler.step()
-    if run.critic_optimizer is not None:
-        run.critic_optimizer.step()
-    return norm, True
+    for opt in run.optimizers[1:]:
+        opt.step()
+    return norms[0], True
 
 
 def count_skip(run: Run, stepped: bool):
     """``max_skipped_steps`` skipped optimizer steps in a row stop the run (DivergedError, exit 2);
     the weights are those of the last good step, which the crash checkpoint keeps."""
-    run.extra["skipped_in_a_row"] = 0 if stepped else run.extra.get("skipped_in_a_row", 0) + 1
-    if run.extra["skipped_in_a_row"] >= run.cfg.max_skipped_steps:
-        run.extra["skipped_in_a_row"] = 0
+    run.skipped_in_a_row = 0 if stepped else run.skipped_in_a_row + 1
+    if run.skipped_in_a_row >= run.cfg.max_skipped_steps:
+        run.skipped_in_a_row = 0
         raise DivergedError(f"training diverged at step {run.step + 1}: {run.cfg.max_skipped_steps} optimizer steps in "
                             "a row had a non-finite loss or gradient and were skipped (config key "
                             "'max_skipped_steps'). Lower 'learning_rate', set 'max_grad_norm', or check the rewards; "
@@ -605,8 +586,8 @@ def weights_finite(run: Run, collective: bool = True) -> bool:
     """Every weight of the policy (and critic, value head) is finite. ``collective``: agreed over
     ranks (each rank checks its shard); False checks only this rank's tensors (a crash path)."""
     bad = torch.zeros((), dtype=torch.float64, device=run.device)
-    for model in (run.policy, run.critic, run.value_head):
-        for p in model.parameters() if model is not None else ():
+    for model in run.trained_modules():
+        for p in model.parameters():
             local = p.to_local() if hasattr(p, "to_local") else p
             bad += (~torch.isfinite(local)).sum().double().to(bad.device)
     if collective:
@@ -645,20 +626,8 @@ def iterative_reset(run: Run, metrics: dict):
     """Iterative GRPO (DeepSeekMath Alg. 1): every K steps the reference becomes the current policy
     and, with ``iterative.rm_retrain``, the reward model continues training on verifier-labelled
     pairs of recent policy samples with a replay of historical pairs."""
-    cfg = run.cfg
-    k = cfg.iterative.ref_reset_steps
-    if not k or run.step % k:
-        return
-    if run.ref is not None:
-        metrics["iterative/kl_before_reset"] = metrics.get("kl", 0.0)
-        run.ref.load_state_dict(run.policy.state_dict())
-        metrics["iterative/reset"] = 1
-    if cfg.iterative.rm_retrain and run.extra.get("rm_new_pairs"):
-        scorer = dict(run.reward_sources)["reward_model"]
-        new = run.extra.pop("rm_new_pairs")
-        metrics.update(retrain_reward_model(scorer, new, run.extra.get("rm_history", []), cfg.output_dir,
-                                            cfg.iterative.rm_replay, seed=cfg.seed + run.step))
-        run.extra.setdefault("rm_history", []).extend(new)
+    run.iterative.after_step(run.step, run.policy, run.ref, dict(run.rewards.sources).get("reward_model"),
+                             run.cfg.output_dir, run.cfg.seed, metrics)
 
 
 def samples(batch: RolloutBatch, k: int) -> list[dict]:
@@ -696,11 +665,7 @@ def peak_rss_mib() -> float:
 
 def write_summary(run: Run, metrics: dict, wall_s: float):
     """summary.json: final metrics, wall time, peak RSS and the bytes each trained model holds."""
-    state = {"policy": param_bytes(run.policy, run.optimizer)}
-    if run.critic is not None:
-        state["critic"] = param_bytes(run.critic, run.critic_optimizer)
-    if run.ref is not None:
-        state["reference"] = param_bytes(run.ref)
+    state = run.state_bytes()
     summary = {**metrics, "wall_s": wall_s, "steps": run.step,
                "samples_per_step": run.cfg.prompts_per_step * run.cfg.group_size,
                "peak_rss_mib": peak_rss_mib(),
@@ -710,7 +675,7 @@ def write_summary(run: Run, metrics: dict, wall_s: float):
 
 
 def evaluate_policy(run: Run) -> dict:
-    sources, weights = eval_sources(run.cfg, run.reward_sources, run.reward_weights)
+    sources, weights = eval_sources(run.cfg, run.rewards.sources, run.rewards.weights)
     if not sources:
         return {}
     with D.unsharded(run):                                          # every rank evaluates the same rows

@@ -7,7 +7,7 @@ logged, writes a checkpoint and exits with status 2 (``MonitorAlarm``). Threshol
 ``MonitorConfig``; null turns a rule off. docs/monitoring.md explains each signal.
 
 Trends compare two windows of ``monitor.window`` steps: the first after warmup (the baseline)
-and the latest. The state (histories, the KL probe) lives in ``run.extra["monitor"]``, so a
+and the latest. The state (histories, the KL probe) lives in ``run.monitor_state``, so a
 resumed run continues its trends.
 
     collapse  distinct_frac     mean over groups of |distinct completions| / G
@@ -33,14 +33,11 @@ import warnings
 from pathlib import Path
 
 import torch
+from lmpo.errors import MonitorAlarm  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from lmpo.io.logging import read_metrics
 from lmpo.rewards.combine import resolve_reward_funcs
 from lmpo.rl.forward import completion_logp
 from lmpo.rollout import RolloutBatch
-
-
-class MonitorAlarm(RuntimeError):
-    """A monitor alarm with ``monitor.action: stop``; the CLI prints it and exits 2."""
 
 
 # ----------------------------------------------------------------------------- signals (pure)
@@ -108,7 +105,7 @@ class Monitors:
         if cfg.verifier:
             verifier = resolve_reward_funcs([cfg.verifier])[0][1]
         stop = not run.world.multi       # torchrun: each rank sees its own share, so alarms only warn
-        return cls(cfg, run.cfg.group_size, run.cfg.output_dir, run.extra.setdefault("monitor", {}), verifier,
+        return cls(cfg, run.cfg.group_size, run.cfg.output_dir, run.monitor_state, verifier,
                    main=run.world.main, stop=stop)
 
     # -- per step

@@ -1,6 +1,7 @@
-"""Everything the loop needs, built from a ``Config``: models, optimizers, prompts, reward sources.
+"""Everything the loop needs, built from a ``Config``: the ``Run`` and its typed parts (policy and
+optimizer, reference, critic, prompt stream, reward sources, iterative GRPO's state, counters).
 
-The loop (``rl.py``) reads top to bottom; construction, resumption and checkpoint plumbing live here.
+The loop (``rl/loop.py``) reads top to bottom; construction, resumption and checkpoint plumbing live here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from lmpo.rewards.combine import resolve_reward_funcs
 from lmpo.rewards.reward_model import RewardModelScorer
 from lmpo.rewards.remote import RemoteReward
 from lmpo.models.load import resolve_model
-from lmpo.models.value import ValueHead, load_value_model
+from lmpo.models.value import param_bytes
+from lmpo.rl.critic import Critic, make_critic
+from lmpo.rl.iterative import Iterative
 
 
 class PromptStream:
@@ -105,21 +108,33 @@ def resolve_algorithm(cfg: Config) -> Algorithm:
 
 
 @dataclass
+class Rewards:
+    """The reward sources ((name, callable) pairs, in config order) with their weights, and each
+    source's run of batches on which it gave nothing (``reward_fail_steps``; checkpointed)."""
+
+    sources: list
+    weights: list
+    fail_streaks: dict = field(default_factory=dict)
+
+
+@dataclass
 class Run:
+    """A run's state, in parts: the config and resolved algorithm; the policy with its optimizer and
+    schedule; the reference; the critic (one optional object, ``lmpo.rl.critic``); the prompt stream
+    and the reward sources; iterative GRPO's state (``lmpo.rl.iterative``); what attach() sets (the
+    rollout engine, the scorer). The step counters below are what a checkpoint resumes."""
+
     cfg: Config
     algo: Algorithm
     device: torch.device
     tokenizer: object
     policy: torch.nn.Module
     ref: torch.nn.Module | None
-    critic: torch.nn.Module | None
-    value_head: torch.nn.Module | None
+    critic: Critic | None
     optimizer: torch.optim.Optimizer
     scheduler: object
-    critic_optimizer: torch.optim.Optimizer | None
     prompts: PromptStream
-    reward_sources: list
-    reward_weights: list
+    rewards: Rewards
     eval_rows: list | None
     model_dir: str
     beta: float
@@ -127,7 +142,9 @@ class Run:
     ptx_rows: list | None = None            # PPO-ptx language-modelling rows
     world: D.World = field(default_factory=D.World)
     step: int = 0
-    extra: dict = field(default_factory=dict)
+    iterative: Iterative = field(default_factory=Iterative)
+    skipped_in_a_row: int = 0               # non-finite optimizer steps in a row (max_skipped_steps)
+    monitor_state: dict = field(default_factory=dict)   # lmpo.rl.monitors' histories, streaks, fired alarms
     engine: object = None                   # the rollout engine (lmpo.rollout.engine), set by rl.loop.attach
     scorer: object = None                   # batch -> reward stats: rl.score here, or Ray reward workers
     prefetch: object = None                 # asynchronous collection ahead of the learner (Ray, max_staleness > 0)
@@ -142,8 +159,43 @@ class Run:
     def use_ref(self) -> bool:
         return self.ref is not None or (self.cfg.lora_r > 0 and self.beta > 0 and self.algo.kl_placement != "none")
 
+    @property
+    def value_head(self) -> torch.nn.Module | None:
+        """The head the policy's forward applies for a shared critic, else None."""
+        return self.critic.head if self.critic is not None else None
+
+    @property
+    def optimizers(self) -> list:
+        """The policy's optimizer first, then a separate critic's."""
+        return [self.optimizer, *(self.critic.optimizers() if self.critic is not None else [])]
+
+    def trained_modules(self) -> list:
+        return [self.policy, *([self.critic.model] if self.critic is not None else [])]
+
+    def state_bytes(self) -> dict:
+        """Bytes each trained model holds (parameters, gradients, optimizer state), for summary.json."""
+        state = {"policy": param_bytes(self.policy, self.optimizer)}
+        if self.critic is not None and self.critic.state_bytes() is not None:
+            state["critic"] = self.critic.state_bytes()
+        if self.ref is not None:
+            state["reference"] = param_bytes(self.ref)
+        return state
+
+    def counters(self) -> dict:
+        """What the loop carries from step to step besides weights and optimizers (checkpointed
+        under "extra", the key earlier versions wrote)."""
+        return {"skipped_in_a_row": self.skipped_in_a_row, "reward_fail_streaks": self.rewards.fail_streaks,
+                "monitor": self.monitor_state, **self.iterative.state()}
+
+    def load_counters(self, extra: dict):
+        self.skipped_in_a_row = extra.get("skipped_in_a_row", 0)
+        self.rewards.fail_streaks = extra.get("reward_fail_streaks", {})
+        self.monitor_state = extra.get("monitor", {})
+        self.iterative.load(extra)
+
 
 def reward_sources(cfg: Config):
+    """(sources, weights): the reward functions, then the reward model, then the reward URL."""
     sources = resolve_reward_funcs(list(cfg.reward_funcs))
     if cfg.reward_model:
         try:
@@ -247,15 +299,8 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         warn_if_oversubscribed(threads)
     device = resolve_device(cfg.device)
     algo = resolve_algorithm(cfg)
-    rows = load_rows(cfg.dataset, required=("prompt",))            # bad data and reward specs fail before
+    rows, eval_rows, ptx_rows = load_data(cfg)                     # bad data and reward specs fail before
     sources, weights = reward_sources(cfg)                          # any model is built or loaded
-    eval_rows = None
-    if cfg.eval_dataset:
-        eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
-    elif cfg.dataset == ADDITION:
-        eval_rows = addition_heldout(cfg.eval_samples)
-    ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
-                         what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
     cfg.model = resolve_model(cfg.model)                            # a packaged name (smollm2): its HF directory
     if cfg.model and not Path(cfg.model).exists() and not _looks_like_hub_id(cfg.model):
         raise ModelError(f"model '{cfg.model}' does not exist: give a local HF model directory (config.json + "
@@ -279,24 +324,38 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     if need_ref and not cfg.lora_r:  # with LoRA the reference is the base with the adapter disabled
         ref_dir = str(ckpt / "ref") if ckpt and (ckpt / "ref").exists() else model_dir
         ref = D.prepare_model(load_causal_lm(ref_dir, device, trainable=False), world, trainable=False)
-    critic = value_head = critic_opt = None
+    critic = make_critic(cfg, algo.critic, policy, model_dir, tokenizer, device, world, ckpt)
     params = [p for p in policy.parameters() if p.requires_grad]
-    if algo.critic == "separate":
-        if ckpt and (ckpt / "critic").exists():
-            critic = load_value_model(str(ckpt / "critic"), tokenizer, from_reward_model=True).to(device)
-        elif cfg.ppo.critic_init == "policy":
-            critic = load_value_model(model_dir, tokenizer).to(device)
-        else:
-            critic = load_value_model(cfg.ppo.critic_init, tokenizer, from_reward_model=True).to(device)
-        critic = D.prepare_model(critic, world)
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.ppo.critic_learning_rate or cfg.learning_rate * 5,
-                                       weight_decay=cfg.weight_decay)
-    elif algo.critic == "shared":
-        value_head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)
-        params += list(value_head.parameters())
+    if critic is not None and critic.shared:        # the head trains with the policy's optimizer and clipping
+        params += list(critic.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
-    ctx = context_length(policy)
+    max_prompt_len = prompt_room(cfg, context_length(policy), rows, tokenizer)
+    run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
+              optimizer=optimizer, scheduler=scheduler, prompts=PromptStream(rows, cfg.seed),
+              rewards=Rewards(sources, weights), eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta,
+              max_prompt_len=max_prompt_len, world=world, ptx_rows=ptx_rows, iterative=Iterative.from_config(cfg))
+    if ckpt:
+        _restore(run, ckpt)
+    return run
+
+
+def load_data(cfg: Config) -> tuple[list, list | None, list | None]:
+    """(training prompts, held-out rows or None, PPO-ptx pairs or None), each checked as it loads."""
+    rows = load_rows(cfg.dataset, required=("prompt",))
+    eval_rows = None
+    if cfg.eval_dataset:
+        eval_rows = load_rows(cfg.eval_dataset, required=("prompt",), what="eval_dataset")[: cfg.eval_samples]
+    elif cfg.dataset == ADDITION:
+        eval_rows = addition_heldout(cfg.eval_samples)
+    ptx_rows = load_rows(cfg.ppo.ptx_dataset or cfg.dataset, required=("prompt", "completion"),
+                         what="ppo.ptx_dataset") if cfg.ppo.ptx_coef > 0 else None
+    return rows, eval_rows, ptx_rows
+
+
+def prompt_room(cfg: Config, ctx: int | None, rows: list, tokenizer) -> int | None:
+    """The longest prompt allowed (``max_prompt_len``, else the model's context ``ctx`` less
+    ``max_new_tokens``); every training prompt is checked against it."""
     max_prompt_len = cfg.max_prompt_len or (ctx - cfg.max_new_tokens if ctx else None)
     if max_prompt_len is not None:
         if max_prompt_len <= 0:
@@ -304,14 +363,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
                               f"model's context of {ctx} tokens.")
         check_prompt_lengths([render_prompt(r["prompt"], tokenizer, i) for i, r in enumerate(rows)], tokenizer,
                              max_prompt_len, name=str(cfg.dataset))
-    run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
-              value_head=value_head, optimizer=optimizer, scheduler=scheduler, critic_optimizer=critic_opt,
-              prompts=PromptStream(rows, cfg.seed), reward_sources=sources, reward_weights=weights,
-              eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta, max_prompt_len=max_prompt_len, world=world,
-              ptx_rows=ptx_rows)
-    if ckpt:
-        _restore(run, ckpt)
-    return run
+    return max_prompt_len
 
 
 def _add_lora(policy, r: int, adapter=None):
@@ -332,12 +384,11 @@ def checkpoint(run: Run, crashing: bool = False):
     if crashing and not D.can_save_alone(run):
         return None
     states = {"optimizer": D.optimizer_state(run), "scheduler": run.scheduler.state_dict(),
-              "prompts": run.prompts.state(), "beta": run.beta, "extra": run.extra}
-    if run.critic_optimizer is not None:
-        states["critic_optimizer"] = run.critic_optimizer.state_dict()
-    if run.value_head is not None:
-        states["value_head"] = run.value_head.state_dict()
-    models = {"policy": D.saveable(run, run.policy), "critic": run.critic}
+              "prompts": run.prompts.state(), "beta": run.beta, "extra": run.counters()}
+    models = {"policy": D.saveable(run, run.policy)}
+    if run.critic is not None:
+        states.update(run.critic.state())
+        models.update(run.critic.saved_models())
     if run.ref is not None and run.cfg.iterative.ref_reset_steps:
         models["ref"] = run.ref
     if not run.world.main:
@@ -347,28 +398,27 @@ def checkpoint(run: Run, crashing: bool = False):
 
 
 def step_mark(run: Run) -> dict:
-    """What a step changes before its update: the prompt stream, the RNG states, ``extra``'s lists."""
+    """What a step changes before its update: the prompt stream, the RNG states, the counters' lists."""
     return {"prompts": run.prompts.state(), "rng": rng_state(), "beta": run.beta,
-            "extra": {k: list(v) if isinstance(v, list) else v for k, v in run.extra.items()}}
+            "extra": {k: list(v) if isinstance(v, list) else v for k, v in run.counters().items()}}
 
 
 def rewind(run: Run, mark: dict):
     """Back to the start of the step ``mark`` was taken at (its update had not begun)."""
     run.prompts.load(mark["prompts"])
     set_rng_state(mark["rng"])
-    run.beta, run.extra = mark["beta"], mark["extra"]
+    run.beta = mark["beta"]
+    run.load_counters(mark["extra"])
 
 
 def _restore(run: Run, ckpt: Path):
     states, meta = load_state(ckpt)
     D.load_optimizer_state(run, states["optimizer"])
     run.scheduler.load_state_dict(states["scheduler"])
-    if run.critic_optimizer is not None and "critic_optimizer" in states:
-        run.critic_optimizer.load_state_dict(states["critic_optimizer"])
-    if run.value_head is not None and "value_head" in states:
-        run.value_head.load_state_dict(states["value_head"])
+    if run.critic is not None:
+        run.critic.load(states)
     run.prompts.load(states["prompts"])
     run.beta = states["beta"]
-    run.extra = states.get("extra", {})
+    run.load_counters(states.get("extra", {}))
     run.step = meta["step"]
     set_rng_state(states["rng"])

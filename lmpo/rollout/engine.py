@@ -17,29 +17,13 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from ..config import ConfigError
 from .batch import RolloutBatch
-from lmpo.rollout.sampler import rollout
-
-
-@dataclass(frozen=True)
-class SamplingSpec:
-    """How to sample: the same fields whichever engine does it."""
-
-    group_size: int
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    keep_support: bool = False       # DeepSeek-V3.2 keep sampling mask: record the top-p/top-k support
-    keep_routing: bool = False       # DeepSeek-V3.2 keep routing: record MoE experts per token
-    max_prompt_len: int | None = None
-    dtype: str = "float32"
+from lmpo.rollout.sampler import SamplingSpec, rollout  # noqa: F401 (SamplingSpec: imported from here too)
 
 
 class RolloutEngine(Protocol):
@@ -75,10 +59,8 @@ class BuiltinEngine:
             else nullcontext()
         try:
             with ctx, self.unsharded():
-                batch = rollout(self.model if self.copy is None else self.copy, self.tokenizer, prompts, rows, group_size=spec.group_size,
-                                max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                                top_k=spec.top_k, keep_support=spec.keep_support, max_prompt_len=spec.max_prompt_len,
-                                device=self.device, seeds=seeds, keep_routing=spec.keep_routing)
+                batch = rollout(self.model if self.copy is None else self.copy, self.tokenizer, prompts, rows, spec,
+                                device=self.device, seeds=seeds)
         finally:
             self.model.train(was_training)
         batch.policy_version = torch.full((len(batch),), self.version, dtype=torch.long)

@@ -37,11 +37,12 @@ import json
 import os
 import re
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 
 from .batch import RolloutBatch
-from .sampler import generate
+from .sampler import SamplingSpec, generate
 from lmpo.config import ConfigError
 from lmpo.data.envs import ENVIRONMENTS
 from lmpo.data import DatasetError
@@ -201,65 +202,81 @@ def episode_seeds(seeds: list[int], group_size: int, resettable: bool) -> list[i
     return [hash((s, k)) & 0x7FFFFFFF for s in seeds for k in range(group_size)]
 
 
+@dataclass
+class _Episodes:
+    """N episodes under way: completion tokens (the model's and the environment's), the loss mask
+    (1 = the model's token), the sampler's log-probs, each turn's last token and reward, and whether
+    each episode is done / truncated."""
+
+    n: int
+    toks: list = field(init=False)
+    loss: list = field(init=False)
+    logp: list = field(init=False)
+    turn_ends: list = field(init=False)
+    turn_rewards: list = field(init=False)
+    done: list = field(init=False)
+    truncated: list = field(init=False)
+
+    def __post_init__(self):
+        for name in ("toks", "loss", "logp", "turn_ends", "turn_rewards"):
+            setattr(self, name, [[] for _ in range(self.n)])
+        self.done, self.truncated = [False] * self.n, [False] * self.n
+
+    def add(self, i: int, ids: list[int], logp: list[float], loss: int):
+        """Tokens joining episode i: the model's (loss 1, with their log-probs) or the environment's (loss 0)."""
+        self.toks[i] += ids
+        self.loss[i] += [loss] * len(ids)
+        self.logp[i] += logp
+
+
 @torch.no_grad()
-def env_rollout(model, tokenizer, envs: list, rows: list[dict], seeds: list[int], *, group_size: int,
-                max_new_tokens: int, max_turns: int, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                top_k: int = 0, device=None) -> RolloutBatch:
-    """Play ``len(envs)`` = B·G episodes (G per row, group by group) to the end or to the bounds and
-    return them as one ``RolloutBatch``. Every model turn is one call of the sampler's ``generate`` on
-    the alive episodes' contexts; episode k's turn t samples from its own seeded stream."""
-    device = device or next(model.parameters()).device
-    G = group_size
+def env_rollout(model, tokenizer, envs: list, rows: list[dict], seeds: list[int], spec: SamplingSpec, *,
+                max_turns: int, max_tokens: int) -> RolloutBatch:
+    """Play ``len(envs)`` = B·G episodes (G = ``spec.group_size`` per row, group by group) to the end or
+    to the bounds and return them as one ``RolloutBatch``. Every model turn is one call of the
+    sampler's ``generate`` on the alive episodes' contexts (at most ``spec.max_new_tokens`` each);
+    episode k's turn t samples from its own seeded stream."""
+    device = next(model.parameters()).device
+    G = spec.group_size
     resettable = all(getattr(e, "resettable", False) for e in envs)
     reset_seeds = episode_seeds(seeds, G, resettable)
     ep_rows = [r for r in rows for _ in range(G)]
     scripts = [Transcript(tokenizer, env.reset(dict(row), s)) for env, row, s in zip(envs, ep_rows, reset_seeds)]
     prompts = [s.prompt for s in scripts]
-    enc = tokenizer(prompts, add_special_tokens=True)
-    prompt_ids = enc["input_ids"]
-    N = len(envs)
-    toks = [[] for _ in range(N)]       # completion tokens, model's and environment's
-    loss = [[] for _ in range(N)]       # 1 = the model's token
-    logp = [[] for _ in range(N)]
-    turn_ends, turn_rewards = [[] for _ in range(N)], [[] for _ in range(N)]
-    done, truncated = [False] * N, [False] * N
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    ep = _Episodes(len(envs))
     sample_seeds = [hash((s, k)) & 0x7FFFFFFF for s in seeds for k in range(G)]
     for turn in range(max_turns):
-        alive = [i for i in range(N) if not done[i]]
+        alive = [i for i in range(ep.n) if not ep.done[i]]
         if not alive:
             break
-        room = [max_tokens - len(toks[i]) for i in alive]
-        width = min(max_new_tokens, max(room))
-        ctx = [prompt_ids[i] + toks[i] for i in alive]
-        ids, attn = _left_pad(ctx, tokenizer.pad_token_id, device)
+        room = [max_tokens - len(ep.toks[i]) for i in alive]
+        width = min(spec.max_new_tokens, max(room))
+        ids, attn = _left_pad([prompt_ids[i] + ep.toks[i] for i in alive], tokenizer.pad_token_id, device)
         u = torch.cat([torch.rand(1, width, generator=torch.Generator().manual_seed(hash((sample_seeds[i], turn)) & 0x7FFFFFFF))
                        for i in alive]).clamp_(min=1e-12).to(device)
-        out = generate(model, ids, attn, group_size=1, max_new_tokens=width, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, top_k=top_k, uniforms=u)
+        out = generate(model, ids, attn, SamplingSpec(group_size=1, max_new_tokens=width, temperature=spec.temperature,
+                                                      top_p=spec.top_p, top_k=spec.top_k),
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, uniforms=u)
         for j, i in enumerate(alive):
             n = min(int(out["mask"][j].sum()), room[j])
             turn_ids = out["completion_ids"][j, :n].tolist()
-            toks[i] += turn_ids
-            loss[i] += [1] * n
-            logp[i] += out["sampler_logp"][j, :n].tolist()
+            ep.add(i, turn_ids, out["sampler_logp"][j, :n].tolist(), loss=1)
             text = tokenizer.decode(turn_ids, skip_special_tokens=True)
             obs, reward, ended = envs[i].step(text)
-            turn_ends[i].append(len(toks[i]) - 1)
-            turn_rewards[i].append(float(reward))
+            ep.turn_ends[i].append(len(ep.toks[i]) - 1)
+            ep.turn_rewards[i].append(float(reward))
             if ended:
-                done[i] = True
+                ep.done[i] = True
                 continue
             seg = scripts[i].observe(turn_ids, text, obs) if obs is not None else []
-            if turn + 1 == max_turns or len(toks[i]) + len(seg) >= max_tokens:
-                done[i] = truncated[i] = True
+            if turn + 1 == max_turns or len(ep.toks[i]) + len(seg) >= max_tokens:
+                ep.done[i] = ep.truncated[i] = True
                 continue
-            toks[i] += seg
-            loss[i] += [0] * len(seg)
-            logp[i] += [0.0] * len(seg)
-    for i in range(N):                    # out of turns: not ended by the environment
-        truncated[i] = truncated[i] or not done[i]
-    return _episode_batch(tokenizer, prompt_ids, prompts, toks, loss, logp, turn_ends, turn_rewards, truncated,
-                          ep_rows, G, device)
+            ep.add(i, seg, [0.0] * len(seg), loss=0)
+    for i in range(ep.n):                    # out of turns: not ended by the environment
+        ep.truncated[i] = ep.truncated[i] or not ep.done[i]
+    return _episode_batch(tokenizer, prompt_ids, prompts, ep, ep_rows, G, device)
 
 
 def _left_pad(seqs: list[list[int]], pad: int, device):
@@ -279,7 +296,8 @@ def _right(seqs, fill, dtype, width):
     return out
 
 
-def _episode_batch(tokenizer, prompt_ids, prompts, toks, loss, logp, turn_ends, turn_rewards, truncated, rows, G, device):
+def _episode_batch(tokenizer, prompt_ids, prompts, ep: _Episodes, rows, G, device):
+    toks, turn_ends, turn_rewards = ep.toks, ep.turn_ends, ep.turn_rewards
     T = max(1, max(len(t) for t in toks))
     pids, pmask = _left_pad(prompt_ids, tokenizer.pad_token_id, device)
     comp = _right(toks, tokenizer.pad_token_id, torch.long, T).to(device)
@@ -295,9 +313,9 @@ def _episode_batch(tokenizer, prompt_ids, prompts, toks, loss, logp, turn_ends, 
     out_rows = [dict(r, env_reward=sum(rs), env_turn_rewards=list(rs), env_turn_ends=list(e), env_turns=len(rs))
                 for r, rs, e in zip(rows, turn_rewards, turn_ends)]
     return RolloutBatch(prompt_ids=pids, prompt_mask=pmask, completion_ids=comp,
-                        mask=_right(loss, 0.0, torch.float32, T).to(device),
-                        sampler_logp=_right(logp, 0.0, torch.float32, T).to(device),
-                        truncated=torch.tensor(truncated, device=device), group_size=G, prompts=list(prompts),
+                        mask=_right(ep.loss, 0.0, torch.float32, T).to(device),
+                        sampler_logp=_right(ep.logp, 0.0, torch.float32, T).to(device),
+                        truncated=torch.tensor(ep.truncated, device=device), group_size=G, prompts=list(prompts),
                         completions=texts, rows=out_rows, seq_mask=seq_mask, turn_rewards=tr.to(device))
 
 
@@ -322,10 +340,8 @@ class EnvEngine:
         ctx = torch.autocast(base.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" else nullcontext()
         try:
             with ctx, base.unsharded():
-                batch = env_rollout(model, base.tokenizer, envs, rows, seeds, group_size=spec.group_size,
-                                    max_new_tokens=spec.max_new_tokens, max_turns=self.max_turns,
-                                    max_tokens=self.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                                    top_k=spec.top_k, device=base.device)
+                batch = env_rollout(model, base.tokenizer, envs, rows, seeds, spec, max_turns=self.max_turns,
+                                    max_tokens=self.max_tokens)
         finally:
             model.train(was_training)
         batch.policy_version = torch.full((len(batch),), base.version, dtype=torch.long)

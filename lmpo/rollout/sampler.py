@@ -8,6 +8,8 @@ log-prob under the sampling distribution is recorded.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..models.load import cache_kw, output_cache
@@ -86,57 +88,54 @@ def _forward(model, **kw):
         return model(**kw)
 
 
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample: the same fields whichever engine does it."""
+
+    group_size: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    keep_support: bool = False       # DeepSeek-V3.2 keep sampling mask: record the top-p/top-k support
+    keep_routing: bool = False       # DeepSeek-V3.2 keep routing: record MoE experts per token
+    max_prompt_len: int | None = None
+    dtype: str = "float32"
+
+
 @torch.no_grad()
-def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens: int, eos_token_id: int | list[int],
-             pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             keep_support: bool = False, uniforms: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, routing=None):
-    """Sample ``group_size`` completions for each of the B prompts.
+def generate(model, prompt_ids, prompt_mask, spec: SamplingSpec, *, eos_token_id: int | list[int], pad_token_id: int,
+             uniforms: torch.Tensor | None = None, routing=None):
+    """Sample ``spec.group_size`` completions for each of the B prompts.
 
     prompt_ids, prompt_mask: [B, P] left-padded. Returns a dict of tensors on the model's device:
     ``completion_ids`` [N, T], ``mask`` [N, T] (real tokens, EOS included), ``sampler_logp`` [N, T],
-    ``truncated`` [N], and ``keep_mask`` [N, T, V] when ``keep_support``; N = B·G, T ≤ max_new_tokens.
+    ``truncated`` [N], and ``keep_mask`` [N, T, V] when ``spec.keep_support``; N = B·G, T ≤ max_new_tokens.
     ``sampler_logp`` is the log-prob under the distribution actually sampled from: with top-p /
     top-k the truncated, renormalised one (so it is >= the full-vocabulary log-prob the trainer
     computes unless ``keep_sampling_mask``). ``eos_token_id``: the stop token, or a list of them
     (``stop_token_ids``); a row ends at the first one it samples. ``temperature == 0`` is greedy
     decoding (log-probs then come from the untempered distribution).
     ``uniforms`` [N, max_new_tokens] drive the sampling (see ``sample_tokens``); by default they are
-    drawn from ``generator``. ``routing``: a ``lmpo.models.moe.RoutingRecorder`` active around this
-    call, told when rows are expanded (after the prefill) and when finished rows leave.
+    drawn from torch's global generator. ``routing``: a ``lmpo.models.moe.RoutingRecorder`` active
+    around this call, told when rows are expanded (after the prefill) and when finished rows leave.
     """
     device = prompt_ids.device
     stop = torch.tensor(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=device)
-    G = group_size
-    pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)                              # [B, P]
-    out = _forward(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
-    cache = output_cache(out)
-    if G > 1:
-        cache.batch_repeat_interleave(G)                                                 # one prefill per group
-        if routing is not None:
-            routing.expand(G)
-    logits = out.logits[:, -1].float().repeat_interleave(G, 0)                           # [N, V]
-    attn = prompt_mask.repeat_interleave(G, 0)                                           # [N, P]
-    next_pos = pos[:, -1].repeat_interleave(G, 0) + 1                                    # [N]
+    cache, logits, attn, next_pos = _prefill(model, prompt_ids, prompt_mask, spec.group_size, routing)
     N, V = logits.shape
-    T = max_new_tokens
+    T = spec.max_new_tokens
     tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
     logps = torch.zeros(N, T, device=device)
     finished_at = torch.full((N,), T, dtype=torch.long, device=device)                   # length incl. EOS
-    keep = torch.zeros(N, T, V, dtype=torch.bool, device=device) if keep_support else None
+    keep = torch.zeros(N, T, V, dtype=torch.bool, device=device) if spec.keep_support else None
     alive = torch.arange(N, device=device)                                               # rows still generating
-    if uniforms is None and temperature != 0:
-        uniforms = torch.rand(N, T, generator=generator, device=device).clamp_(min=1e-12)
+    if uniforms is None and spec.temperature != 0:
+        uniforms = torch.rand(N, T, device=device).clamp_(min=1e-12)
     for t in range(T):
-        if temperature == 0:
-            dist_logits = logits
-            tok = logits.argmax(-1)
-        else:
-            dist_logits = filter_logits(logits / temperature, top_k, top_p)    # the distribution sampled from
-            tok = sample_tokens(dist_logits, uniforms[alive, t])
-        logp = dist_logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)  # top-p/top-k: renormalised
+        tok, dist_logits = _pick(logits, spec, None if uniforms is None else uniforms[alive, t])
         tokens[alive, t] = tok
-        logps[alive, t] = logp
+        logps[alive, t] = dist_logits.log_softmax(-1).gather(-1, tok[:, None]).squeeze(-1)  # top-p/top-k: renormalised
         if keep is not None:
             keep[alive, t] = torch.isfinite(dist_logits)
         done = torch.isin(tok, stop)
@@ -156,6 +155,35 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
                        **cache_kw(model, cache), use_cache=True)
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
+    return _result(tokens, logps, finished_at, keep, stop)
+
+
+def _prefill(model, prompt_ids, prompt_mask, G: int, routing):
+    """One forward over the B prompts with a cache, expanded to the N = B·G rows: (cache, the next
+    token's logits [N, V] in float32, the attention mask [N, P], the next positions [N])."""
+    pos = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)                              # [B, P]
+    out = _forward(model, input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=pos, use_cache=True)
+    cache = output_cache(out)
+    if G > 1:
+        cache.batch_repeat_interleave(G)                                                 # one prefill per group
+        if routing is not None:
+            routing.expand(G)
+    logits = out.logits[:, -1].float().repeat_interleave(G, 0)                           # [N, V]
+    return cache, logits, prompt_mask.repeat_interleave(G, 0), pos[:, -1].repeat_interleave(G, 0) + 1
+
+
+def _pick(logits, spec: SamplingSpec, u):
+    """(the token of each row, the logits of the distribution it was sampled from): greedy at
+    temperature 0, else inverse-CDF sampling with the rows' uniforms ``u`` from the tempered,
+    top-k / top-p filtered distribution."""
+    if spec.temperature == 0:
+        return logits.argmax(-1), logits
+    dist_logits = filter_logits(logits / spec.temperature, spec.top_k, spec.top_p)    # the distribution sampled from
+    return sample_tokens(dist_logits, u), dist_logits
+
+
+def _result(tokens, logps, finished_at, keep, stop) -> dict:
+    N, device = tokens.shape[0], tokens.device
     width = int(finished_at.max())
     mask = (torch.arange(width, device=device)[None, :] < finished_at[:, None]).float()
     truncated = ~torch.isin(tokens[torch.arange(N, device=device), finished_at - 1], stop)
@@ -170,26 +198,28 @@ def generate(model, prompt_ids, prompt_mask, *, group_size: int, max_new_tokens:
     return result
 
 
-def rollout(model, tokenizer, prompts: list[str], rows: list[dict], *, group_size: int, max_new_tokens: int,
-            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, keep_support: bool = False,
-            max_prompt_len: int | None = None, device=None, generator=None, seeds: list[int] | None = None,
-            keep_routing: bool = False) -> RolloutBatch:
-    """Tokenize ``prompts`` (left-padded), sample G completions each, and decode them. With ``seeds``
-    (one per prompt) each group's samples depend on its seed only. With ``keep_routing`` on an MoE
-    model the experts chosen for every token are recorded (DeepSeek-V3.2 keep routing)."""
+def rollout(model, tokenizer, prompts: list[str], rows: list[dict], spec: SamplingSpec, *, seeds: list[int] | None = None,
+            generator=None, device=None) -> RolloutBatch:
+    """Tokenize ``prompts`` (left-padded to at most ``spec.max_prompt_len``), sample G completions each,
+    and decode them. With ``seeds`` (one per prompt) each group's samples depend on its seed only;
+    else the uniforms are drawn from ``generator``. With ``spec.keep_routing`` on an MoE model the
+    experts chosen for every token are recorded (DeepSeek-V3.2 keep routing)."""
     from contextlib import nullcontext
 
-    record = keep_routing and is_moe(model)
+    record = spec.keep_routing and is_moe(model)
     device = device or next(model.parameters()).device
-    ids, pmask = encode_prompts(tokenizer, prompts, max_prompt_len)
+    ids, pmask = encode_prompts(tokenizer, prompts, spec.max_prompt_len)
     ids, pmask = ids.to(device), pmask.to(device)
+    G, T = spec.group_size, spec.max_new_tokens
+    if seeds is not None:
+        u = group_uniforms(seeds, G, T, device)
+    elif spec.temperature != 0:
+        u = torch.rand(len(prompts) * G, T, generator=generator, device=device).clamp_(min=1e-12)
+    else:
+        u = None
     with RoutingRecorder(model) if record else nullcontext() as rec:
-        out = generate(model, ids, pmask, group_size=group_size, max_new_tokens=max_new_tokens,
-                       eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=tokenizer.pad_token_id,
-                       temperature=temperature, top_p=top_p, top_k=top_k, keep_support=keep_support,
-                       uniforms=None if seeds is None else group_uniforms(seeds, group_size, max_new_tokens, device),
-                       generator=generator, routing=rec)
-    G = group_size
+        out = generate(model, ids, pmask, spec, eos_token_id=stop_token_ids(tokenizer, model),
+                       pad_token_id=tokenizer.pad_token_id, uniforms=u, routing=rec)
     # each completion's own tokens only (pad may be a normal token, or the same id as EOS), special tokens dropped
     lengths = out["mask"].sum(-1).long().tolist()
     completions = tokenizer.batch_decode([row[:n] for row, n in zip(out["completion_ids"].tolist(), lengths)],

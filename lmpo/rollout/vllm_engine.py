@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from lmpo.errors import VLLMServerError  # noqa: F401 (its home is lmpo.errors; imported from here too)
 from ..config import ConfigError
 from ..models.load import hf_weights, iter_hf_weights, save_pretrained_as_hf, unwrap_ddp
 from .batch import RolloutBatch, encode_prompts
@@ -41,14 +42,6 @@ from lmpo.models.load import resolve_device
 INSTALL = "pip install 'lmpo[vllm]'"
 HTTP_TIMEOUT_S = 1800.0   # one /v1/completions request (a whole group) or one weight reload
 MAX_CONCURRENT_REQUESTS = 64
-
-
-class VLLMServerError(ConfigError):
-    """The vLLM server at ``rollout.vllm_url`` cannot be reached or answered with an error."""
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status        # the HTTP status when the server answered, else None
 
 
 # ----------------------------------------------------------------------------- outputs -> batch

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from lmpo.data import render_prompt
-from lmpo.rewards.combine import compute_rewards, resolve_reward_funcs, reward_inputs
+from lmpo.rewards.combine import CallPolicy, compute_rewards, resolve_reward_funcs, reward_inputs
 from lmpo.rewards.process import is_process_reward
 from lmpo.rollout import rollout
+from lmpo.rollout.sampler import SamplingSpec
+
+EVAL_BATCH_SEQS = 256          # held-out sequences (rows x samples) generated together
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -41,9 +44,9 @@ def pass_ks(n: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: int, temperature: float = 0.0,
-             samples: int = 1, batch_size: int = 256, seed: int = 0) -> dict:
+             samples: int = 1, seed: int = 0) -> dict:
     """Mean reward of ``samples`` completions per held-out row (temperature 0 = greedy), generated
-    ``batch_size`` sequences at a time.
+    ``EVAL_BATCH_SEQS`` sequences at a time.
 
     ``reward_fn`` is called as TRL calls reward functions (keywords ``prompts``, ``completions``,
     ``completion_ids`` and the rows' other columns); with a 0/1 verifier the mean reward is the exact-match
@@ -55,12 +58,12 @@ def evaluate(model, tokenizer, rows: list[dict], reward_fn, *, max_new_tokens: i
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     total, n, length = 0.0, 0, 0.0
     correct = []                                                    # correct samples per row
-    step = max(1, batch_size // samples)                            # at most batch_size sequences at once
+    spec = SamplingSpec(group_size=samples, max_new_tokens=max_new_tokens, temperature=temperature)
+    step = max(1, EVAL_BATCH_SEQS // samples)                       # at most EVAL_BATCH_SEQS sequences at once
     for s in range(0, len(rows), step):
         chunk = rows[s:s + step]
         prompts = [render_prompt(r["prompt"], tokenizer, s + i) for i, r in enumerate(chunk)]
-        batch = rollout(model, tokenizer, prompts, chunk, group_size=samples, max_new_tokens=max_new_tokens,
-                        temperature=temperature, generator=gen)
+        batch = rollout(model, tokenizer, prompts, chunk, spec, generator=gen)
         prompts_, completions, columns = reward_inputs(batch.rows, batch.completions)     # as TRL passes them
         ids = [row[: int(m.sum())].tolist() for row, m in zip(batch.completion_ids, batch.mask)]
         rewards = reward_fn(prompts=prompts_, completions=completions, completion_ids=ids, **columns)
@@ -96,7 +99,8 @@ def held_out_accuracy(model, tokenizer, rows: list[dict], sources: list, weights
 
     def reward_fn(prompts, completions, completion_ids=None, **columns):
         return compute_rewards(sources, weights, prompts, completions, columns, completion_ids=completion_ids,
-                               trainer_state=trainer_state, timeout_s=cfg.reward_timeout_s).rewards
+                               trainer_state=trainer_state,
+                               how=CallPolicy(timeout_s=cfg.reward_timeout_s)).rewards
 
     kw = dict(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     greedy = evaluate(model, tokenizer, rows, reward_fn, **kw)

@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -104,11 +105,28 @@ def evaluate(model, tokenizer, pairs: list[dict], *, batch_size: int = 128, max_
     return {"eval/accuracy": correct / n, "eval/loss": loss / n, "eval/margin": diff / n, "eval/pairs": len(pairs)}
 
 
-def _fit(model, tokenizer, next_batch, *, steps: int, lr: float, warmup: int = 0, cosine: bool = False,
-         weight_decay: float = 0.0, max_grad_norm: float | None = 1.0, max_length: int | None = None,
-         device="cpu", log_steps: int = 10, progress: bool = False) -> list[dict]:
-    """``steps`` AdamW steps of the Bradley–Terry loss on ``next_batch(step) -> pairs``. Returns
+@dataclass(frozen=True)
+class FitSpec:
+    """How a reward model is fitted: ``steps`` AdamW steps of ``batch_size`` pairs at learning rate
+    ``lr`` (linear warm-up over ``warmup`` steps, then constant, or cosine down to 10 % with
+    ``cosine``), gradient norm clipped at ``max_grad_norm``; a curve point every ``log_steps``."""
+
+    steps: int = 50
+    lr: float = 1e-5
+    batch_size: int = 32
+    warmup: int = 0
+    cosine: bool = False
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    log_steps: int = 10
+    progress: bool = False
+
+
+def _fit(model, tokenizer, next_batch, spec: FitSpec, *, max_length: int | None = None, device="cpu") -> list[dict]:
+    """``spec.steps`` AdamW steps of the Bradley–Terry loss on ``next_batch(step) -> pairs``. Returns
     the logged curve ``[{"step", "train/loss", "train/accuracy"}]`` (means since the last log)."""
+    steps, lr, warmup, cosine = spec.steps, spec.lr, spec.warmup, spec.cosine
+    weight_decay, max_grad_norm, log_steps, progress = spec.weight_decay, spec.max_grad_norm, spec.log_steps, spec.progress
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -239,10 +257,11 @@ def train_reward_model(cfg: RMConfig) -> dict:
     max_length = cfg.max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None)
 
     before = evaluate(model, tokenizer, held, max_length=max_length, device=device) if held else {}
-    curve = _fit(model, tokenizer, _sampler(train, cfg.batch_size, random.Random(cfg.seed)),
-                 steps=cfg.max_steps, lr=cfg.learning_rate, warmup=cfg.warmup_steps, cosine=True,
-                 weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, max_length=max_length,
-                 device=device, log_steps=cfg.log_steps, progress=cfg.progress)
+    fit = FitSpec(steps=cfg.max_steps, lr=cfg.learning_rate, batch_size=cfg.batch_size, warmup=cfg.warmup_steps,
+                  cosine=True, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, log_steps=cfg.log_steps,
+                  progress=cfg.progress)
+    curve = _fit(model, tokenizer, _sampler(train, fit.batch_size, random.Random(cfg.seed)), fit,
+                 max_length=max_length, device=device)
     after = evaluate(model, tokenizer, held, max_length=max_length, device=device) if held else {}
 
     out = Path(cfg.output_dir)
@@ -267,15 +286,15 @@ def train_reward_model(cfg: RMConfig) -> dict:
 
 
 def continue_training(model_dir, new_pairs: list[dict], replay_pairs: list[dict] | None = None,
-                      replay_frac: float = 0.1, steps: int = 50, lr: float = 1e-5, *, batch_size: int = 32,
-                      output_dir=None, seed: int = 0, device=None, max_length: int | None = None) -> dict:
+                      replay_frac: float = 0.1, *, fit: FitSpec = FitSpec(), output_dir=None, seed: int = 0,
+                      device=None) -> dict:
     """Continue training the reward model in ``model_dir`` on ``new_pairs`` (built from the
     current policy's samples), replaying historical ``replay_pairs`` so it does not forget
     (DeepSeekMath, iterative RL: 10% historical data).
 
-    Each step's batch is ``round(replay_frac * batch_size)`` replay pairs (when there are any)
+    Each step's batch is ``round(replay_frac * fit.batch_size)`` replay pairs (when there are any)
     and new pairs for the rest; the loss is the Bradley–Terry loss of ``bradley_terry_loss``
-    at a constant learning rate ``lr``. The model and tokenizer are saved to ``output_dir``
+    for ``fit.steps`` steps at a constant learning rate ``fit.lr`` (a curve point every steps/5). The model and tokenizer are saved to ``output_dir``
     (default: back to ``model_dir``). Returns ``rm/loss``, ``rm/accuracy`` (means over the last
     logging window), ``rm/steps``, ``rm/new_pairs`` and ``rm/replay_pairs``."""
     from transformers import AutoTokenizer
@@ -288,13 +307,14 @@ def continue_training(model_dir, new_pairs: list[dict], replay_pairs: list[dict]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = load_scalar_model(model_dir, tokenizer, require_head=True).to(device)
     replay_pairs = replay_pairs or []
+    steps, batch_size = fit.steps, fit.batch_size
     n_replay = min(round(replay_frac * batch_size), batch_size - 1) if replay_pairs else 0
     rng = random.Random(seed)
     new_batch = _sampler(new_pairs, batch_size - n_replay, rng)
     old_batch = _sampler(replay_pairs, n_replay, rng) if n_replay else (lambda _s: [])
-    max_length = max_length or (tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None)
-    curve = _fit(model, tokenizer, lambda s: new_batch(s) + old_batch(s), steps=steps, lr=lr,
-                 max_length=max_length, device=device, log_steps=max(steps // 5, 1))
+    max_length = tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None
+    curve = _fit(model, tokenizer, lambda s: new_batch(s) + old_batch(s), replace(fit, log_steps=max(steps // 5, 1)),
+                 max_length=max_length, device=device)
     out = Path(output_dir or model_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
