@@ -1,4 +1,4 @@
-"""The Ray backend on a local CPU cluster: 2 rollout workers, reward workers and the learner as
+"""The Ray backend on a local CPU cluster: rollout workers, reward workers and the learner as
 actors. Synchronous runs equal the single-process run; asynchronous runs keep staleness within the
 bound; a killed rollout worker is restarted (or the run stops with a clear error and a checkpoint).
 
