@@ -33,7 +33,8 @@ def cluster():
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), old["PYTHONPATH"]]))
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        ray.init(num_cpus=5, include_dashboard=False, logging_level="WARNING")   # 5: the most actors of any run here
+        ray.init(num_cpus=5, include_dashboard=False, logging_level="WARNING",      # 5: the most actors of any run here
+                 _system_config={"worker_niceness": 0})                            # as lmpo's own local cluster
     finally:
         for k, v in old.items():
             if v is None:
@@ -165,9 +166,11 @@ def test_killed_worker_past_restarts_stops_with_checkpoint_and_resumes(tiny_dir,
     assert [m["step"] for m in _metrics(out)] == [1, 2, 3, 4, 5]     # each step once
 
 
-def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(tiny_dir, tmp_path, cluster):
+def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(tiny_dir, tmp_path):
     """A scheduler's SIGTERM to ``lmpo train`` (the Ray driver) reaches the learner actor, which
-    finishes its step, saves it and stops: exit 143, every logged step in the checkpoint."""
+    finishes its step, saves it and stops: exit 143, every logged step in the checkpoint. This run
+    starts its own local cluster, as a user's does, whose workers run at the driver's priority (not
+    Ray's default nice 15, which starves them on a busy machine)."""
     import os
     import signal
     import subprocess
@@ -180,8 +183,7 @@ def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(
 
     out = tmp_path / "run"
     args = rl_overrides(tiny_dir, out, beta=0.0, max_steps=100_000, save_steps=100_000, eval_samples=2,
-                        **{"distributed.backend": "ray", "distributed.ray_address": cluster,
-                           "distributed.rollout_workers": 1})
+                        **{"distributed.backend": "ray", "distributed.rollout_workers": 1})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "lmpo", "train", *args], env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -189,6 +191,8 @@ def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip()):
             assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its first step"
             time.sleep(0.1)
+        pids = json.loads((out / "ray_workers.json").read_text())
+        nice = {os.getpriority(os.PRIO_PROCESS, p) for p in (pids["learner"], *pids["rollout"], *pids["reward"])}
         proc.send_signal(signal.SIGTERM)
         err = proc.communicate(timeout=900)[1]
     finally:
@@ -198,6 +202,7 @@ def test_sigterm_to_the_driver_stops_the_learner_after_a_step_with_a_checkpoint(
     assert "SIGTERM" in err and "--resume" in err
     step = json.loads((find_checkpoint(out) / "meta.json").read_text())["step"]
     assert [m["step"] for m in _metrics(out)] == list(range(1, step + 1))
+    assert nice == {os.getpriority(os.PRIO_PROCESS, 0)}
 
 
 def test_scale_out_examples_are_valid_configs():
