@@ -86,7 +86,10 @@ def cmd_sft(argv):
         return 0
     path, overrides, _ = _split(argv)
     cfg = load_config(path, overrides, cls=SFTConfig)
-    print(json.dumps(train_sft(cfg)))
+    from lmpo.io.rundir import check_output_dir, locked
+
+    with locked(check_output_dir(cfg.output_dir)):     # one run per output_dir (as lmpo train), before the model loads
+        print(json.dumps(train_sft(cfg)))
     print(f"saved to {cfg.output_dir}")
     return 0
 

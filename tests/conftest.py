@@ -81,7 +81,7 @@ def rl_config(model_dir, output_dir, **extra):
     return load_config(None, rl_overrides(model_dir, output_dir, **extra))
 
 
-def run_lmpo(args, cwd, timeout=300) -> subprocess.CompletedProcess:
+def run_lmpo(args, cwd, timeout=1200) -> subprocess.CompletedProcess:
     """``python -m lmpo ARGS`` in ``cwd`` with the repository importable, as a user would run it."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LMPO_DEBUG", None)

@@ -243,6 +243,24 @@ def test_second_run_into_a_locked_directory_fails_at_once(tiny_dir, files, tmp_p
     assert (out / "lmpo.lock").read_text().startswith(f"pid {os.getpid()} on host ")
 
 
+@pytest.mark.parametrize("command", ["sft", "rm"])
+def test_sft_and_rm_take_the_same_lock(command, tmp_path, capsys):
+    """``lmpo sft`` and ``lmpo rm`` into a directory another run holds fail at once (before their
+    model, here a missing one, is loaded); with the lock free the same command gets to the model."""
+    from lmpo.cli import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [command, f"model={tmp_path / 'no-model'}", f"output_dir={out}"]
+    with locked(out):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "in use by another lmpo run" in err and f"pid {os.getpid()}" in err
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no-model" in err and "in use" not in err
+
+
 def test_output_dir_problems_are_reported_before_any_model_loads(tiny_dir, files, tmp_path, capsys, monkeypatch):
     """A missing model would fail the run too: the output_dir error must come first."""
     (tmp_path / "afile").write_text("x")

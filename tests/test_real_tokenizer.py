@@ -244,7 +244,7 @@ def test_one_grpo_step_on_the_real_135m_model_from_gguf(tmp_path):
                                                   "answer": "5"}])
     r = run_lmpo(["train", *rl_overrides(GGUF, tmp_path / "run", dataset=data, reward_funcs=["math_answer"], max_steps=1,
                                          group_size=2, prompts_per_step=1, max_new_tokens=8, learning_rate=1e-6,
-                                         threads=2)], tmp_path, timeout=600)
+                                         threads=2)], tmp_path, timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     m = read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
     assert m["completion/mean_length"] >= 1 and 0.0 <= m["reward/mean"] <= 1.0

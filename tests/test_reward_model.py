@@ -183,7 +183,8 @@ def test_load_preferences_validates(tmp_path):
         load_preferences(_jsonl(bad, [{"prompt": "q", "chosen": 3, "rejected": "b"}]))
 
 
-def test_main_reports_errors_as_one_paragraph(capsys, tmp_path):
+def test_main_reports_errors_as_one_paragraph(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                    # the default output_dir (runs/rm) is created and locked here
     assert main(["max_stepz=3"]) == 2
     err = capsys.readouterr().err
     assert "max_stepz" in err and "max_steps" in err and err.count("\n") == 1

@@ -74,8 +74,10 @@ def launch(cfg, resume: bool = False) -> dict:
     n_actors = 1 + d.rollout_workers + d.reward_workers
     started = not ray.is_initialized()
     if started:
-        ray.init(address=d.ray_address, num_cpus=None if d.ray_address else (d.ray_num_cpus or n_actors),
-                 include_dashboard=False, logging_level="WARNING")
+        # a local cluster's workers run at the user's priority, not Ray's default nice 15: they are the
+        # run (the learner trains in one), and at nice 15 any other work on the machine starves them
+        local = {} if d.ray_address else {"num_cpus": d.ray_num_cpus or n_actors, "_system_config": {"worker_niceness": 0}}
+        ray.init(address=d.ray_address, include_dashboard=False, logging_level="WARNING", **local)
     learner_gpu = 1 if cfg.device in ("cuda", "auto") and torch.cuda.is_available() else 0
     rollout_gpu = {"GPU": d.ray_rollout_gpus} if d.ray_rollout_gpus else {}
     bundles = ([{"CPU": 1, **({"GPU": learner_gpu} if learner_gpu else {})}]

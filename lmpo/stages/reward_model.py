@@ -28,6 +28,7 @@ from lmpo.data.tasks import ADDITION
 from lmpo.models.load import resolve_device
 from lmpo.models.value import load_scalar_model, sequence_scores
 from lmpo.models.load import ModelError
+from lmpo.io.rundir import check_output_dir, locked
 from lmpo.stages.embedded import embedded_model
 from lmpo.models.tiny import build_model, build_tokenizer
 from lmpo.config import help_text
@@ -337,7 +338,8 @@ def main(argv: list[str]) -> int:
         path, argv = argv[0], argv[1:]
     try:
         cfg = load_config(path, argv, cls=RMConfig)
-        metrics = train_reward_model(cfg)
+        with locked(check_output_dir(cfg.output_dir)):   # one run per output_dir (as lmpo train), before the model loads
+            metrics = train_reward_model(cfg)
     except (ConfigError, DatasetError, ModelError) as e:
         print(f"lmpo rm: {e}", file=sys.stderr)
         return 2
