@@ -69,3 +69,40 @@ def test_no_sharing_with_gradient_checkpointing_or_routing(tiny_dir):
     model.gradient_checkpointing_disable()
     b.routing = [torch.zeros(len(b), 1, 1, dtype=torch.long)]
     assert not F._can_share_prompt(model, b, {})
+
+
+def test_padding_free_forward_equals_padded_forward(tiny_dir):
+    """padding_free packs the completions into one sequence per piece: the log-probs, entropies, a
+    value head's values and the gradients equal the padded forward's (float64) on real tokens, for
+    whole groups, cut groups, rows that share no prompt, a row with no real token, and small pieces."""
+    model, b = _batch(tiny_dir)
+    model.double()
+    T = b.completion_ids.shape[1]
+    assert b.prompt_mask.sum(-1).unique().numel() > 1 and (b.mask.sum(-1) < T).any()   # left pads and early EOS
+    b.mask[4] = 0                                                  # an invalid sample: no real token
+    head = torch.nn.Linear(model.config.hidden_size, 1).double()
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    packed_pieces = []
+    real_forward = F._packed_forward
+    for rows in (torch.arange(len(b)), torch.tensor([2, 3, 4, 5, 9, 1, 10]), torch.tensor([0, 3, 6, 9])):
+        mb = b.select(rows)
+        real = mb.mask > 0
+        ref = F.completion_logp(model, mb, 0.7, with_entropy=True, value_head=head)
+        ref_grads = torch.autograd.grad(ref[0].sum() + ref[2][real].sum(), params)
+        for budget in (4096, 5):
+            F._packed_forward = lambda *a, **k: packed_pieces.append(1) or real_forward(*a, **k)
+            try:
+                got = F.packed_completion_logp(model, mb, 0.7, with_entropy=True, value_head=head, budget=budget)
+            finally:
+                F._packed_forward = real_forward
+            for x, y in zip(got, ref):
+                torch.testing.assert_close(x[real], y[real], atol=1e-10, rtol=0)
+            assert (got[0][~real] == 0).all()
+            for gp, gr in zip(torch.autograd.grad(got[0].sum() + got[2][real].sum(), params), ref_grads):
+                torch.testing.assert_close(gp, gr, atol=1e-6, rtol=1e-6)
+    assert len(packed_pieces) > 6                                  # budget 5 split the batches into pieces
+    # completion_logp takes the packed path when asked, not with environment tokens inside completions
+    logp, _, _ = F.completion_logp(model, b, 1.0, padding_free=True)
+    torch.testing.assert_close(logp, F.completion_logp(model, b, 1.0)[0], atol=1e-10, rtol=0)
+    b.seq_mask = b.mask.clone()
+    assert F._can_share_prompt(model, b, {}) and not F._can_pack(model, b, {})

@@ -127,11 +127,109 @@ def token_logp(logits, tokens, temperature: float = 1.0, keep_mask=None, with_en
     return (logp, torch.cat(ents)) if with_entropy else (logp, None)
 
 
+def _can_pack(model, batch, extra) -> bool:
+    """Padding-free packing needs what the shared-prompt forward needs, and completions whose attended
+    tokens are a prefix (no environment tokens inside: ``seq_mask``)."""
+    return batch.seq_mask is None and _can_share_prompt(model, batch, extra)
+
+
+def _packed_pieces(seg: torch.Tensor, lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Row indices split at group boundaries into pieces of about ``budget`` packed tokens (the dense
+    attention mask of a piece is [tokens, prompts + tokens])."""
+    pieces, start, used = [], 0, 0
+    seg, lengths = seg.tolist(), lengths.tolist()
+    for i, (s, n) in enumerate(zip(seg, lengths)):
+        if i > start and s != seg[i - 1] and used + n > budget:
+            pieces.append(torch.arange(start, i))
+            start, used = i, 0
+        used += n
+    pieces.append(torch.arange(start, len(seg)))
+    return pieces
+
+
+def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
+    """Logits [M, V] (and last hidden states [M, H]) at the M = Σ lengths positions that predict each
+    row's first ``lengths[i]`` completion tokens, with no padding: each distinct prompt runs once with
+    a cache (its last position predicts token 0), then the completion tokens 0 … L_i − 2 of all rows
+    run as one sequence whose 4-D attention mask lets token t of row i see its group's prompt (real
+    tokens only) and tokens 0 … t of row i, at the positions the padded forward gives them. Also
+    returns the (row, t) index of each of the M positions."""
+    seg = prompt_segments(batch)
+    N, dev = batch.prompt_ids.shape[0], batch.prompt_ids.device
+    seg = torch.arange(N, device=dev) if seg is None else seg
+    first = torch.ones_like(seg, dtype=torch.bool)
+    first[1:] = seg[1:] != seg[:-1]
+    rows = first.nonzero().squeeze(-1)                                          # one row per distinct prompt
+    pm = batch.prompt_mask[rows]
+    B, P = pm.shape
+    pos_p = (pm.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=batch.prompt_ids[rows], attention_mask=pm, position_ids=pos_p, use_cache=True,
+                logits_to_keep=1, output_hidden_states=hidden)
+    has = lengths > 0
+    r0 = has.nonzero().squeeze(-1)                                              # rows with a token 0
+    logits, hs = [out.logits[:, -1][seg[r0]]], [out.hidden_states[-1][:, -1][seg[r0]]] if hidden else []
+    idx_r, idx_t = [r0], [torch.zeros_like(r0)]
+    n_in = (lengths - 1).clamp(min=0)                                           # inputs: tokens 0 … L_i − 2
+    S = int(n_in.sum())
+    if S:
+        row_of = torch.repeat_interleave(torch.arange(N, device=dev), n_in)     # [S]
+        off = torch.arange(S, device=dev) - torch.repeat_interleave(n_in.cumsum(0) - n_in, n_in)
+        plen = batch.prompt_mask.sum(-1).long()
+        cache = output_cache(out)
+        for layer in cache.layers:                                              # [B, H, P, D] -> [1, H, B·P, D]
+            layer.keys = layer.keys.transpose(0, 1).reshape(1, layer.keys.shape[1], B * P, -1)
+            layer.values = layer.values.transpose(0, 1).reshape(1, layer.values.shape[1], B * P, -1)
+        key_group = torch.arange(B, device=dev).repeat_interleave(P)                        # [B·P]
+        see_prompt = (seg[row_of][:, None] == key_group[None]) & (pm.reshape(-1) > 0)[None]
+        see_own = (row_of[:, None] == row_of[None]) & (off[None] <= off[:, None])
+        mask = torch.cat([see_prompt, see_own], 1)[None, None]
+        out2 = model(input_ids=batch.completion_ids[row_of, off][None], attention_mask=mask,
+                     position_ids=(plen[row_of] + off)[None], **cache_kw(model, cache), use_cache=True,
+                     output_hidden_states=hidden)
+        logits.append(out2.logits[0])
+        if hidden:
+            hs.append(out2.hidden_states[-1][0])
+        idx_r.append(row_of)
+        idx_t.append(off + 1)
+    return torch.cat(logits), (torch.cat(hs) if hidden else None), (torch.cat(idx_r), torch.cat(idx_t))
+
+
+def packed_completion_logp(model, batch, temperature: float, keep_sampling_mask: bool = False,
+                           with_entropy: bool = False, value_head=None, budget: int = 4096):
+    """``completion_logp`` without padding (``padding_free: true``): each row's completion up to its
+    last real token, rows packed into one sequence per piece of about ``budget`` tokens; the same
+    values as the padded forward up to float rounding, zero past each row's last real token."""
+    N, T = batch.completion_ids.shape
+    real = batch.mask > 0
+    lengths = torch.where(real.any(-1), T - real.flip(-1).int().argmax(-1), 0)   # through the last real token
+    seg = prompt_segments(batch)
+    logp = torch.zeros(N, T, device=batch.mask.device)
+    ent = torch.zeros(N, T, device=batch.mask.device) if with_entropy else None
+    values = torch.zeros(N, T, device=batch.mask.device) if value_head is not None else None
+    for piece in _packed_pieces(torch.arange(N) if seg is None else seg, lengths, budget):
+        piece = piece.to(real.device)
+        sub = batch.select(piece) if piece.numel() < N else batch
+        logits, h, (r, t) = _packed_forward(model, sub, lengths[piece], value_head is not None)
+        r = piece[r]
+        keep = batch.keep_mask[r, t][:, None] if keep_sampling_mask else None
+        lp, e = token_logp(logits[:, None], batch.completion_ids[r, t][:, None], temperature, keep, with_entropy, chunk=512)
+        logp = logp.index_put((r, t), lp[:, 0].float())
+        if with_entropy:
+            ent = ent.index_put((r, t), e[:, 0].float())
+        if value_head is not None:
+            values = values.index_put((r, t), value_head(h).squeeze(-1).float())
+    logp = torch.where(real, logp, torch.zeros_like(logp))
+    return logp, ent, values
+
+
 def completion_logp(model, batch, temperature: float, keep_sampling_mask: bool = False, with_entropy: bool = False,
-                    value_head=None, **extra):
+                    value_head=None, padding_free: bool = False, **extra):
     """(logp [N, T], entropy [N, T] | None, values [N, T] | None) of the batch's completions under ``model``.
 
-    ``value_head``: a scalar head on the policy's last hidden states (``critic: shared``)."""
+    ``value_head``: a scalar head on the policy's last hidden states (``critic: shared``).
+    ``padding_free``: no compute on padding (``packed_completion_logp``) where the batch allows it."""
+    if padding_free and _can_pack(model, batch, extra):
+        return packed_completion_logp(model, batch, temperature, keep_sampling_mask, with_entropy, value_head)
     T = batch.completion_ids.shape[1]
     logits, h = model_forward(model, batch, T, hidden=value_head is not None, **extra)
     keep = batch.keep_mask if keep_sampling_mask else None

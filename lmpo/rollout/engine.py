@@ -100,4 +100,7 @@ def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
             hasattr(p, "full_tensor") for p in model.parameters()):
         raise ConfigError("config key 'rollout.dtype': a bfloat16 generation copy is made for a plain single-process "
                           "model only (not with lora_r, DDP or FSDP); use dtype=bfloat16 (autocast) there.")
-    return copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    out = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    if next(model.parameters()).device.type == "cpu" and hasattr(out, "set_attn_implementation"):
+        out.set_attn_implementation("eager")   # torch's CPU flash-attention kernel is ~4x slower in bf16 at one query
+    return out
