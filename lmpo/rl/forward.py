@@ -194,6 +194,51 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
     return torch.cat(logits), (torch.cat(hs) if hidden else None), (torch.cat(idx_r), torch.cat(idx_t))
 
 
+class ChunkedLogp(torch.autograd.Function):
+    """log π(a) = z_a − logsumexp(z), z = logits / τ, over logits [M, V] of any float dtype, in float32
+    row chunks without keeping a float32 copy of the logits: backward recomputes each chunk's softmax,
+    ∂ log π(a) / ∂ logits = (onehot(a) − softmax(z)) / τ."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float, chunk: int):
+        lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
+        out = torch.empty_like(lse)
+        for s in range(0, logits.shape[0], chunk):
+            z = _scaled(logits[s:s + chunk], temperature)
+            lse[s:s + chunk] = torch.logsumexp(z, -1)
+            out[s:s + chunk] = z.gather(-1, tokens[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, tokens, lse = ctx.saved_tensors
+        grad, c = torch.empty_like(logits), ctx.chunk
+        for s in range(0, logits.shape[0], c):
+            gs = g[s:s + c, None].to(lse.dtype)
+            d = (_scaled(logits[s:s + c], ctx.temperature) - lse[s:s + c, None]).exp_().mul_(-gs)
+            d.scatter_add_(-1, tokens[s:s + c, None], gs)
+            grad[s:s + c] = d / ctx.temperature if ctx.temperature != 1.0 and ctx.temperature > 0 else d
+        return grad, None, None, None
+
+
+def _scaled(logits, temperature: float):
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 and temperature > 0 else z
+
+
+@torch.no_grad()
+def chunked_entropy(logits, temperature: float, chunk: int = 256):
+    """H(π) per row of logits [M, V], in float32 row chunks."""
+    out = []
+    for s in range(0, logits.shape[0], chunk):
+        la = _scaled(logits[s:s + chunk], temperature).log_softmax(-1)
+        p = la.exp()
+        out.append(-torch.where(p > 0, p * la, torch.zeros_like(p)).sum(-1))
+    return torch.cat(out)
+
+
 def packed_completion_logp(model, batch, temperature: float, keep_sampling_mask: bool = False,
                            with_entropy: bool = False, value_head=None, budget: int = 4096):
     """``completion_logp`` without padding (``padding_free: true``): each row's completion up to its
@@ -203,21 +248,27 @@ def packed_completion_logp(model, batch, temperature: float, keep_sampling_mask:
     real = batch.mask > 0
     lengths = torch.where(real.any(-1), T - real.flip(-1).int().argmax(-1), 0)   # through the last real token
     seg = prompt_segments(batch)
-    logp = torch.zeros(N, T, device=batch.mask.device)
-    ent = torch.zeros(N, T, device=batch.mask.device) if with_entropy else None
-    values = torch.zeros(N, T, device=batch.mask.device) if value_head is not None else None
+    dev, dt = batch.mask.device, torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    logp = torch.zeros(N, T, device=dev, dtype=dt)
+    ent = torch.zeros(N, T, device=dev, dtype=dt) if with_entropy else None
+    values = torch.zeros(N, T, device=dev, dtype=dt) if value_head is not None else None
     for piece in _packed_pieces(torch.arange(N) if seg is None else seg, lengths, budget):
         piece = piece.to(real.device)
         sub = batch.select(piece) if piece.numel() < N else batch
         logits, h, (r, t) = _packed_forward(model, sub, lengths[piece], value_head is not None)
         r = piece[r]
-        keep = batch.keep_mask[r, t][:, None] if keep_sampling_mask else None
-        lp, e = token_logp(logits[:, None], batch.completion_ids[r, t][:, None], temperature, keep, with_entropy, chunk=512)
-        logp = logp.index_put((r, t), lp[:, 0].float())
+        if keep_sampling_mask:
+            lp, e = token_logp(logits[:, None], batch.completion_ids[r, t][:, None], temperature,
+                               batch.keep_mask[r, t][:, None], with_entropy, chunk=256)
+            lp, e = lp[:, 0], (e[:, 0] if with_entropy else None)
+        else:
+            lp = ChunkedLogp.apply(logits, batch.completion_ids[r, t], temperature, 256)
+            e = chunked_entropy(logits, temperature) if with_entropy else None
+        logp = logp.index_put((r, t), lp.to(dt))
         if with_entropy:
-            ent = ent.index_put((r, t), e[:, 0].float())
+            ent = ent.index_put((r, t), e.to(dt))
         if value_head is not None:
-            values = values.index_put((r, t), value_head(h).squeeze(-1).float())
+            values = values.index_put((r, t), value_head(h).squeeze(-1).to(dt))
     logp = torch.where(real, logp, torch.zeros_like(logp))
     return logp, ent, values
 

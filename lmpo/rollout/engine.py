@@ -16,7 +16,7 @@ that generated each row (``RolloutBatch.policy_version``), so a trainer can tell
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,10 +71,11 @@ class BuiltinEngine:
     def generate(self, prompts, rows, seeds, spec: SamplingSpec) -> RolloutBatch:
         was_training = self.model.training
         self.model.eval()
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" and self.copy is None \
-            else nullcontext()
+        autocast = spec.dtype == "bfloat16" and self.copy is None
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+        eager = eager_attention(self.model) if autocast and self.device.type == "cpu" else nullcontext()
         try:
-            with ctx, self.unsharded():
+            with ctx, eager, self.unsharded():
                 batch = rollout(self.model if self.copy is None else self.copy, self.tokenizer, prompts, rows, group_size=spec.group_size,
                                 max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
                                 top_k=spec.top_k, keep_support=spec.keep_support, max_prompt_len=spec.max_prompt_len,
@@ -92,6 +93,23 @@ class BuiltinEngine:
                 for c, p in zip(self.copy.parameters(), self.model.parameters()):
                     c.copy_(p)                                   # cast to bf16 in place
         self.version = version
+
+
+@contextmanager
+def eager_attention(model: torch.nn.Module):
+    """An HF model's attention switched to the eager (matmul) implementation inside the block: torch's CPU
+    flash-attention kernel is several times slower in bfloat16 at one query per row (decoding)."""
+    inner = getattr(model, "module", model)                                      # DDP
+    config = getattr(inner, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before in (None, "eager") or not hasattr(inner, "set_attn_implementation"):
+        yield
+        return
+    inner.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
 
 
 def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
