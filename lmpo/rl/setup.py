@@ -294,7 +294,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     elif algo.critic == "shared":
         value_head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)
         params += list(value_head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
     ctx = context_length(policy)
     max_prompt_len = cfg.max_prompt_len or (ctx - cfg.max_new_tokens if ctx else None)
