@@ -127,3 +127,26 @@ def test_chunked_logp_matches_log_softmax_and_its_gradient():
     half = logits.detach().bfloat16().requires_grad_()
     F.ChunkedLogp.apply(half, tokens, 1.0, 3).sum().backward()
     assert half.grad.dtype == torch.bfloat16 and half.grad.abs().sum() > 0
+
+
+def test_padding_free_refuses_a_cache_it_cannot_pack(tiny_dir, monkeypatch):
+    """A model whose KV cache is not a plain per-layer cache (sliding-window or hybrid layers) is a
+    clear error naming the key, not a silently wrong mask."""
+    import pytest
+
+    from lmpo.config import ConfigError
+
+    model, b = _batch(tiny_dir)
+    real_cache = F.output_cache
+
+    class SlidingLayer:                                              # stands in for a sliding-window layer
+        pass
+
+    def sliding(out):
+        cache = real_cache(out)
+        cache.layers[0] = SlidingLayer()
+        return cache
+
+    monkeypatch.setattr(F, "output_cache", sliding)
+    with pytest.raises(ConfigError, match="padding_free"):
+        F.completion_logp(model, b, 1.0, padding_free=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from lmpo.algorithms import sampling_support_logp
+from lmpo.config import ConfigError
 from lmpo.models.load import cache_kw, output_cache
 from lmpo.models.moe import RoutingReplay
 
@@ -176,6 +177,9 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
         off = torch.arange(S, device=dev) - torch.repeat_interleave(n_in.cumsum(0) - n_in, n_in)
         plen = batch.prompt_mask.sum(-1).long()
         cache = output_cache(out)
+        if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
+            raise ConfigError("config key 'padding_free': this model's KV cache is not a plain per-layer cache "
+                              f"({type(cache).__name__}: sliding-window or hybrid layers); set padding_free=false.")
         for layer in cache.layers:                                              # [B, H, P, D] -> [1, H, B·P, D]
             layer.keys = layer.keys.transpose(0, 1).reshape(1, layer.keys.shape[1], B * P, -1)
             layer.values = layer.values.transpose(0, 1).reshape(1, layer.values.shape[1], B * P, -1)
