@@ -4,7 +4,8 @@ Log-probs are computed for completion tokens only: the model returns logits for 
 positions (``logits_to_keep``), and log π(a_t) = logit[a_t] − logsumexp(logits), in row chunks so
 no float32 ``[N, T, vocab]`` copy of the whole batch is made at once. The G samples of a group
 share their prompt, so it is computed once per group (with a KV cache that the completions attend
-to, gradients flowing through it), not G times.
+to, gradients flowing through it), not G times. With ``padding_free`` the completions of all rows run
+as one packed sequence under a block mask, so padding costs nothing (``packed_completion_logp``).
 """
 
 from __future__ import annotations
