@@ -210,6 +210,8 @@ class Config:
     threads: int | None = opt(None, "torch CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use: affinity mask and cgroup quota)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
     compile: bool = opt(False, "torch.compile the policy (dynamic shapes; the first steps pay the compilation)")
+    fused_adamw: bool = opt(False, "the policy's AdamW as one fused kernel (transformers' and TRL's default): ~3x faster steps on CPU, no full-size temporaries; last-bit differences from torch's default implementation")
+    padding_free: bool = opt(False, "training forward without padding: completions packed into one sequence (each group's prompt once, a block mask); same values up to float rounding, less compute when lengths differ")
     lora_r: int = opt(0, "LoRA rank through peft (0 = full fine-tuning); the reference is the base with the adapter off")
     algo: AlgoConfig = field(default_factory=AlgoConfig, metadata={"help": "algorithm choices (override the preset)"})
     ppo: PPOConfig = field(default_factory=PPOConfig, metadata={"help": "critic and reward-KL settings"})

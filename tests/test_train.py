@@ -202,3 +202,25 @@ def test_lora_uses_the_base_as_reference_and_resumes(sft_dir, tmp_path):
     assert any(not torch.equal(a[k], base[k]) for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_padding_free_and_fused_adamw_take_the_default_step(sft_dir, tmp_path):
+    """The opt-in fast settings (padding_free, fused_adamw) compute the same step: the same samples and
+    rewards; the loss, gradient norm and entropy equal to float32 rounding; the optimizer is fused."""
+    from lmpo.rl.loop import start
+
+    (tmp_path / "digits.py").write_text(DIGITS_REWARD)                       # a dense reward: nonzero advantages
+    common = dict(max_steps=1, beta=0.0, seed=5, save_steps=100, max_new_tokens=8, group_size=4, prompts_per_step=4,
+                  reward_funcs=[f"{tmp_path / 'digits.py'}:digit_match"])
+    train(rl_config(sft_dir, tmp_path / "plain", **common))
+    train(rl_config(sft_dir, tmp_path / "fast", padding_free=True, fused_adamw=True, **common))
+    (a,), (b,) = read_jsonl(tmp_path / "plain" / "metrics.jsonl"), read_jsonl(tmp_path / "fast" / "metrics.jsonl")
+    assert a["reward/mean"] == b["reward/mean"] and a["completion/mean_length"] == b["completion/mean_length"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-5)
+    # (not the weights element by element: Adam's first step is lr · sign(g) where |g| ≫ ε, so gradients
+    # equal to rounding but of opposite sign near 0 move an element by 2·lr either way)
+    w0, wb = _weights(_load(sft_dir)), _weights(_load(tmp_path / "fast" / "final"))
+    assert a["reward/std"] > 0 and a["completion/truncated_frac"] < 1                   # advantages, and padding
+    assert any(not torch.equal(wb[k], w0[k]) for k in wb)                    # the fast step moved the weights
+    assert start(rl_config(sft_dir, tmp_path / "x", fused_adamw=True)).optimizer.defaults["fused"] is True

@@ -4,7 +4,8 @@ Log-probs are computed for completion tokens only: the model returns logits for 
 positions (``logits_to_keep``), and log π(a_t) = logit[a_t] − logsumexp(logits), in row chunks so
 no float32 ``[N, T, vocab]`` copy of the whole batch is made at once. The G samples of a group
 share their prompt, so it is computed once per group (with a KV cache that the completions attend
-to, gradients flowing through it), not G times.
+to, gradients flowing through it), not G times. With ``padding_free`` the completions of all rows run
+as one packed sequence under a block mask, so padding costs nothing (``packed_completion_logp``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from lmpo.algorithms import sampling_support_logp
+from lmpo.config import ConfigError
 from lmpo.models.load import cache_kw, output_cache
 from lmpo.models.moe import RoutingReplay
 
@@ -127,11 +129,163 @@ def token_logp(logits, tokens, temperature: float = 1.0, keep_mask=None, with_en
     return (logp, torch.cat(ents)) if with_entropy else (logp, None)
 
 
+def _can_pack(model, batch, extra) -> bool:
+    """Padding-free packing needs what the shared-prompt forward needs, and completions whose attended
+    tokens are a prefix (no environment tokens inside: ``seq_mask``)."""
+    return batch.seq_mask is None and _can_share_prompt(model, batch, extra)
+
+
+def _packed_pieces(seg: torch.Tensor, lengths: torch.Tensor, budget: int) -> list[torch.Tensor]:
+    """Row indices split at group boundaries into pieces of about ``budget`` packed tokens (the dense
+    attention mask of a piece is [tokens, prompts + tokens])."""
+    pieces, start, used = [], 0, 0
+    seg, lengths = seg.tolist(), lengths.tolist()
+    for i, (s, n) in enumerate(zip(seg, lengths)):
+        if i > start and s != seg[i - 1] and used + n > budget:
+            pieces.append(torch.arange(start, i))
+            start, used = i, 0
+        used += n
+    pieces.append(torch.arange(start, len(seg)))
+    return pieces
+
+
+def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
+    """Logits [M, V] (and last hidden states [M, H]) at the M = Σ lengths positions that predict each
+    row's first ``lengths[i]`` completion tokens, with no padding: each distinct prompt runs once with
+    a cache (its last position predicts token 0), then the completion tokens 0 … L_i − 2 of all rows
+    run as one sequence whose 4-D attention mask lets token t of row i see its group's prompt (real
+    tokens only) and tokens 0 … t of row i, at the positions the padded forward gives them. Also
+    returns the (row, t) index of each of the M positions."""
+    seg = prompt_segments(batch)
+    N, dev = batch.prompt_ids.shape[0], batch.prompt_ids.device
+    seg = torch.arange(N, device=dev) if seg is None else seg
+    first = torch.ones_like(seg, dtype=torch.bool)
+    first[1:] = seg[1:] != seg[:-1]
+    rows = first.nonzero().squeeze(-1)                                          # one row per distinct prompt
+    pm = batch.prompt_mask[rows]
+    B, P = pm.shape
+    pos_p = (pm.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=batch.prompt_ids[rows], attention_mask=pm, position_ids=pos_p, use_cache=True,
+                logits_to_keep=1, output_hidden_states=hidden)
+    has = lengths > 0
+    r0 = has.nonzero().squeeze(-1)                                              # rows with a token 0
+    logits, hs = [out.logits[:, -1][seg[r0]]], [out.hidden_states[-1][:, -1][seg[r0]]] if hidden else []
+    idx_r, idx_t = [r0], [torch.zeros_like(r0)]
+    n_in = (lengths - 1).clamp(min=0)                                           # inputs: tokens 0 … L_i − 2
+    S = int(n_in.sum())
+    if S:
+        row_of = torch.repeat_interleave(torch.arange(N, device=dev), n_in)     # [S]
+        off = torch.arange(S, device=dev) - torch.repeat_interleave(n_in.cumsum(0) - n_in, n_in)
+        plen = batch.prompt_mask.sum(-1).long()
+        cache = output_cache(out)
+        if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
+            raise ConfigError("config key 'padding_free': this model's KV cache is not a plain per-layer cache "
+                              f"({type(cache).__name__}: sliding-window or hybrid layers); set padding_free=false.")
+        for layer in cache.layers:                                              # [B, H, P, D] -> [1, H, B·P, D]
+            layer.keys = layer.keys.transpose(0, 1).reshape(1, layer.keys.shape[1], B * P, -1)
+            layer.values = layer.values.transpose(0, 1).reshape(1, layer.values.shape[1], B * P, -1)
+        key_group = torch.arange(B, device=dev).repeat_interleave(P)                        # [B·P]
+        see_prompt = (seg[row_of][:, None] == key_group[None]) & (pm.reshape(-1) > 0)[None]
+        see_own = (row_of[:, None] == row_of[None]) & (off[None] <= off[:, None])
+        mask = torch.cat([see_prompt, see_own], 1)[None, None]
+        out2 = model(input_ids=batch.completion_ids[row_of, off][None], attention_mask=mask,
+                     position_ids=(plen[row_of] + off)[None], **cache_kw(model, cache), use_cache=True,
+                     output_hidden_states=hidden)
+        logits.append(out2.logits[0])
+        if hidden:
+            hs.append(out2.hidden_states[-1][0])
+        idx_r.append(row_of)
+        idx_t.append(off + 1)
+    return torch.cat(logits), (torch.cat(hs) if hidden else None), (torch.cat(idx_r), torch.cat(idx_t))
+
+
+class ChunkedLogp(torch.autograd.Function):
+    """log π(a) = z_a − logsumexp(z), z = logits / τ, over logits [M, V] of any float dtype, in float32
+    row chunks without keeping a float32 copy of the logits: backward recomputes each chunk's softmax,
+    ∂ log π(a) / ∂ logits = (onehot(a) − softmax(z)) / τ."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float, chunk: int):
+        lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
+        out = torch.empty_like(lse)
+        for s in range(0, logits.shape[0], chunk):
+            z = _scaled(logits[s:s + chunk], temperature)
+            lse[s:s + chunk] = torch.logsumexp(z, -1)
+            out[s:s + chunk] = z.gather(-1, tokens[s:s + chunk, None]).squeeze(-1) - lse[s:s + chunk]
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        logits, tokens, lse = ctx.saved_tensors
+        grad, c = torch.empty_like(logits), ctx.chunk
+        for s in range(0, logits.shape[0], c):
+            gs = g[s:s + c, None].to(lse.dtype)
+            d = (_scaled(logits[s:s + c], ctx.temperature) - lse[s:s + c, None]).exp_().mul_(-gs)
+            d.scatter_add_(-1, tokens[s:s + c, None], gs)
+            grad[s:s + c] = d / ctx.temperature if ctx.temperature != 1.0 and ctx.temperature > 0 else d
+        return grad, None, None, None
+
+
+def _scaled(logits, temperature: float):
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return z / temperature if temperature != 1.0 and temperature > 0 else z
+
+
+@torch.no_grad()
+def chunked_entropy(logits, temperature: float, chunk: int = 256):
+    """H(π) per row of logits [M, V], in float32 row chunks."""
+    out = []
+    for s in range(0, logits.shape[0], chunk):
+        la = _scaled(logits[s:s + chunk], temperature).log_softmax(-1)
+        p = la.exp()
+        out.append(-torch.where(p > 0, p * la, torch.zeros_like(p)).sum(-1))
+    return torch.cat(out)
+
+
+def packed_completion_logp(model, batch, temperature: float, keep_sampling_mask: bool = False,
+                           with_entropy: bool = False, value_head=None, budget: int = 4096):
+    """``completion_logp`` without padding (``padding_free: true``): each row's completion up to its
+    last real token, rows packed into one sequence per piece of about ``budget`` tokens; the same
+    values as the padded forward up to float rounding, zero past each row's last real token."""
+    N, T = batch.completion_ids.shape
+    real = batch.mask > 0
+    lengths = torch.where(real.any(-1), T - real.flip(-1).int().argmax(-1), 0)   # through the last real token
+    seg = prompt_segments(batch)
+    dev, dt = batch.mask.device, torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    logp = torch.zeros(N, T, device=dev, dtype=dt)
+    ent = torch.zeros(N, T, device=dev, dtype=dt) if with_entropy else None
+    values = torch.zeros(N, T, device=dev, dtype=dt) if value_head is not None else None
+    for piece in _packed_pieces(torch.arange(N) if seg is None else seg, lengths, budget):
+        piece = piece.to(real.device)
+        sub = batch.select(piece) if piece.numel() < N else batch
+        logits, h, (r, t) = _packed_forward(model, sub, lengths[piece], value_head is not None)
+        r = piece[r]
+        if keep_sampling_mask:
+            lp, e = token_logp(logits[:, None], batch.completion_ids[r, t][:, None], temperature,
+                               batch.keep_mask[r, t][:, None], with_entropy, chunk=256)
+            lp, e = lp[:, 0], (e[:, 0] if with_entropy else None)
+        else:
+            lp = ChunkedLogp.apply(logits, batch.completion_ids[r, t], temperature, 256)
+            e = chunked_entropy(logits, temperature) if with_entropy else None
+        logp = logp.index_put((r, t), lp.to(dt))
+        if with_entropy:
+            ent = ent.index_put((r, t), e.to(dt))
+        if value_head is not None:
+            values = values.index_put((r, t), value_head(h).squeeze(-1).to(dt))
+    logp = torch.where(real, logp, torch.zeros_like(logp))
+    return logp, ent, values
+
+
 def completion_logp(model, batch, temperature: float, keep_sampling_mask: bool = False, with_entropy: bool = False,
-                    value_head=None, **extra):
+                    value_head=None, padding_free: bool = False, **extra):
     """(logp [N, T], entropy [N, T] | None, values [N, T] | None) of the batch's completions under ``model``.
 
-    ``value_head``: a scalar head on the policy's last hidden states (``critic: shared``)."""
+    ``value_head``: a scalar head on the policy's last hidden states (``critic: shared``).
+    ``padding_free``: no compute on padding (``packed_completion_logp``) where the batch allows it."""
+    if padding_free and _can_pack(model, batch, extra):
+        return packed_completion_logp(model, batch, temperature, keep_sampling_mask, with_entropy, value_head)
     T = batch.completion_ids.shape[1]
     logits, h = model_forward(model, batch, T, hidden=value_head is not None, **extra)
     keep = batch.keep_mask if keep_sampling_mask else None

@@ -422,7 +422,8 @@ def logp_of(run: Run, model, batch: RolloutBatch) -> torch.Tensor:
     for idx in micro_batches(run, torch.arange(len(batch))):
         mb = batch.select(idx)
         with autocast(run):
-            logp, _, _ = completion_logp(model, mb, run.cfg.temperature, run.algo.keep_sampling_mask)
+            logp, _, _ = completion_logp(model, mb, run.cfg.temperature, run.algo.keep_sampling_mask,
+                                         padding_free=run.cfg.padding_free)
         chunks.append(logp.float())
     return torch.cat(chunks)
 
@@ -490,7 +491,8 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
     cfg, algo = run.cfg, run.algo
     with autocast(run):
         logp, entropy, values = completion_logp(run.policy, mb, cfg.temperature, algo.keep_sampling_mask,
-                                                with_entropy=True, value_head=run.value_head)    # [n, T]
+                                                with_entropy=True, value_head=run.value_head,
+                                                padding_free=cfg.padding_free)                   # [n, T]
     old = mb.old_logp if mb.old_logp is not None else logp.detach()
     mask = mb.mask
     real = mask > 0

@@ -16,7 +16,7 @@ that generated each row (``RolloutBatch.policy_version``), so a trainer can tell
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Protocol
 
 import torch
@@ -55,10 +55,11 @@ class BuiltinEngine:
     def generate(self, prompts, rows, seeds, spec: SamplingSpec) -> RolloutBatch:
         was_training = self.model.training
         self.model.eval()
-        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if spec.dtype == "bfloat16" and self.copy is None \
-            else nullcontext()
+        autocast = spec.dtype == "bfloat16" and self.copy is None
+        ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+        eager = eager_attention(self.model) if autocast and self.device.type == "cpu" else nullcontext()
         try:
-            with ctx, self.unsharded():
+            with ctx, eager, self.unsharded():
                 batch = rollout(self.model if self.copy is None else self.copy, self.tokenizer, prompts, rows, spec,
                                 device=self.device, seeds=seeds)
         finally:
@@ -76,10 +77,30 @@ class BuiltinEngine:
         self.version = version
 
 
+@contextmanager
+def eager_attention(model: torch.nn.Module):
+    """An HF model's attention switched to the eager (matmul) implementation inside the block: torch's CPU
+    flash-attention kernel is several times slower in bfloat16 at one query per row (decoding)."""
+    inner = getattr(model, "module", model)                                      # DDP
+    config = getattr(inner, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before in (None, "eager") or not hasattr(inner, "set_attn_implementation"):
+        yield
+        return
+    inner.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(before)
+
+
 def _bf16_copy(model: torch.nn.Module) -> torch.nn.Module:
     """A frozen bfloat16 copy of a plain (single-process, non-LoRA) HF model."""
     if hasattr(model, "peft_config") or isinstance(model, torch.nn.parallel.DistributedDataParallel) or any(
             hasattr(p, "full_tensor") for p in model.parameters()):
         raise ConfigError("config key 'rollout.dtype': a bfloat16 generation copy is made for a plain single-process "
                           "model only (not with lora_r, DDP or FSDP); use dtype=bfloat16 (autocast) there.")
-    return copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    out = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    if next(model.parameters()).device.type == "cpu" and hasattr(out, "set_attn_implementation"):
+        out.set_attn_implementation("eager")   # torch's CPU flash-attention kernel is ~4x slower in bf16 at one query
+    return out
