@@ -326,26 +326,9 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         ref = D.prepare_model(load_causal_lm(ref_dir, device, trainable=False), world, trainable=False)
     critic = make_critic(cfg, algo.critic, policy, model_dir, tokenizer, device, world, ckpt)
     params = [p for p in policy.parameters() if p.requires_grad]
-<<<<<<< HEAD
     if critic is not None and critic.shared:        # the head trains with the policy's optimizer and clipping
         params += list(critic.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-=======
-    if algo.critic == "separate":
-        if ckpt and (ckpt / "critic").exists():
-            critic = load_value_model(str(ckpt / "critic"), tokenizer, from_reward_model=True).to(device)
-        elif cfg.ppo.critic_init == "policy":
-            critic = load_value_model(model_dir, tokenizer).to(device)
-        else:
-            critic = load_value_model(cfg.ppo.critic_init, tokenizer, from_reward_model=True).to(device)
-        critic = D.prepare_model(critic, world)
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.ppo.critic_learning_rate or cfg.learning_rate * 5,
-                                       weight_decay=cfg.weight_decay)
-    elif algo.critic == "shared":
-        value_head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)
-        params += list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
->>>>>>> speed135
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
     max_prompt_len = prompt_room(cfg, context_length(policy), rows, tokenizer)
     run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
