@@ -16,7 +16,7 @@ from lmpo.io.checkpoint import find_checkpoint
 
 def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkeypatch):
     """A micro demo in a directory holding a previous run's files: every stage prints its bar (GRPO
-    and PPO in their subprocesses too, with the live reward) and its elapsed time, no dependency
+    and PPO, side by side in their subprocesses, with the live reward) and its elapsed time, no dependency
     warns, and the old files are gone (metrics.jsonl has this run's steps only)."""
     import lmpo.demo as demo
 
@@ -37,10 +37,10 @@ def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkey
     assert [r["step"] for r in read_jsonl(out / "grpo" / "metrics.jsonl")] == [1, 2]
     assert [r["step"] for r in read_jsonl(out / "ppo" / "metrics.jsonl")] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stage_seconds"]) == {"sft", "rm", "grpo", "ppo", "compare"}
+    assert set(summary["stage_seconds"]) == {"sft", "rm", "rl", "compare"}
     for name in ("grpo", "ppo"):
         assert f"{name}: 100%" in err and "reward=" in err, f"no {name} progress bar with the reward"
-    for stage in ("sft", "rm", "grpo", "ppo", "compare"):
+    for stage in ("sft", "rm", "rl", "compare"):
         assert f"== {stage}: " in said, f"no elapsed time for the {stage} stage"
     assert "Warning" not in err and "deprecated" not in err, err[-2000:]
     assert "Writing model shards" not in err and "Loading weights" not in err
