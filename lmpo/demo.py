@@ -28,13 +28,13 @@ from lmpo.stages.sft import train_sft
 # The SFT warm start stops once greedy accuracy on validation rows (drawn from the training pool,
 # never the held-out set) reaches 0.7: an imperfect start that leaves room for RL.
 # GRPO and PPO then run side by side, one core each. GRPO: 32 prompts x 4 samples, lr 2e-4
-# decayed to 0 (cosine), beta = 0. PPO: 128 prompts x 1 sample (a critic needs no group), the same
-# lr schedule, beta = 0, a critic initialized from the SFT policy, one epoch, one minibatch.
-# See docs/ppo_vs_grpo.md (the runs behind these choices).
-FULL = dict(sft_steps=450, sft_stop=0.7, rm_steps=200, grpo_steps=1000, ppo_steps=350, eval_steps=100)
+# decayed to 0 (cosine), beta = 0. PPO: 128 prompts x 1 sample (a critic needs no group), lr 3e-4
+# decayed to 0 (cosine), k1 KL (beta = 0.02) in the reward, a critic initialized from the SFT
+# policy, one epoch, one minibatch. See docs/ppo_vs_grpo.md (the runs behind these choices).
+FULL = dict(sft_steps=450, sft_stop=0.7, rm_steps=200, grpo_steps=1000, ppo_steps=300, eval_steps=100)
 QUICK = dict(sft_steps=60, sft_stop=None, rm_steps=20, grpo_steps=10, ppo_steps=10, eval_steps=5)
 GRPO = dict(group_size=4, prompts_per_step=32)
-PPO = dict(group_size=1, prompts_per_step=128, beta=0.0, ppo={"critic_init": "policy"})
+PPO = dict(group_size=1, prompts_per_step=128, learning_rate=3e-4, beta=0.02, ppo={"critic_init": "policy"})
 
 
 def main(argv=None) -> int:
