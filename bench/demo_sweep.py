@@ -79,6 +79,7 @@ JOBS3 = {   # round 3: the demo's GRPO (32 x 4, cosine 2e-4) and PPO (128 x 1) f
     "sft07_ppo350_beta0": ("sft07", DEMO_PPO + ["max_steps=350", "beta=0.0"]),
     "sft07_ppo300_3e-4": ("sft07", DEMO_PPO + ["max_steps=300", "learning_rate=3e-4"]),
     "sft07_grpo1000_16x8": ("sft07", DEMO_GRPO + ["max_steps=1000", "prompts_per_step=16", "group_size=8"]),
+    "sft07_grpo1200": ("sft07", DEMO_GRPO + ["max_steps=1200"]),
     "sft07_grpo1000_wu50": ("sft07", DEMO_GRPO + ["max_steps=1000", "warmup_steps=50"]),
     "sft07_grpo1000_1.5e-4": ("sft07", DEMO_GRPO + ["max_steps=1000", "learning_rate=1.5e-4"]),
 }

@@ -257,6 +257,7 @@ def main(argv) -> int:
                                                  "run only (ppo:group_size=1)")
     ap.add_argument("--algorithms", default="grpo,ppo", help="comma-separated presets (default grpo,ppo)")
     ap.add_argument("--output-dir", default="runs/compare")
+    ap.add_argument("--parallel", action="store_true", help="all runs at once (give each its own threads=N)")
     args = ap.parse_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:
@@ -272,7 +273,8 @@ def main(argv) -> int:
         base.eval_steps = max(1, base.max_steps // 10)
     for n in names:                             # each run's own keys, checked before anything runs
         load_config(config, shared + [f"algorithm={n}"] + own[n])
-    rows = compare_runs(base, names, args.output_dir, overrides={n: parse_overrides(own[n]) for n in names})
+    rows = compare_runs(base, names, args.output_dir, overrides={n: parse_overrides(own[n]) for n in names},
+                        parallel=args.parallel)
     print(markdown_table(rows))
     print(f"\nwrote {args.output_dir}/compare.md, compare.json, compare.png")
     return 0
