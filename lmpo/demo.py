@@ -31,7 +31,7 @@ from lmpo.stages.sft import train_sft
 # decayed to 0 (cosine), beta = 0. PPO: 128 prompts x 1 sample (a critic needs no group), lr 3e-4
 # decayed to 0 (cosine), k1 KL (beta = 0.02) in the reward, a critic initialized from the SFT
 # policy, one epoch, one minibatch. See docs/ppo_vs_grpo.md (the runs behind these choices).
-FULL = dict(sft_steps=450, sft_stop=0.7, rm_steps=200, grpo_steps=1000, ppo_steps=300, eval_steps=100)
+FULL = dict(sft_steps=450, sft_stop=0.7, rm_steps=200, grpo_steps=1200, ppo_steps=300, eval_steps=100)
 QUICK = dict(sft_steps=60, sft_stop=None, rm_steps=20, grpo_steps=10, ppo_steps=10, eval_steps=5)
 GRPO = dict(group_size=4, prompts_per_step=32)
 PPO = dict(group_size=1, prompts_per_step=128, learning_rate=3e-4, beta=0.02, ppo={"critic_init": "policy"})
