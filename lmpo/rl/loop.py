@@ -497,6 +497,9 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
     """The policy loss (+ KL in the loss, + value loss, + ptx) of one micro-batch, normalized by the
     minibatch's token / sequence counts so accumulated micro-batches give the minibatch loss."""
     cfg, algo = run.cfg, run.algo
+    if mb.values_live is not None:          # the critic's graph from prepare: its backward first, so that graph is
+        vl_live = value_loss(run, mb, mb.values_live, totals)    # freed before the policy's forward builds its own
+        (cfg.ppo.vf_coef * vl_live).backward()                  # (peak memory: one graph, not two; same gradients)
     with autocast(run):
         logp, entropy, values = completion_logp(run.policy, mb, cfg.temperature, algo.keep_sampling_mask,
                                                 with_entropy=True, value_head=run.value_head)    # [n, T]
@@ -537,15 +540,14 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
             "entropy": float(entropy[real].mean()) if real.any() else 0.0,
             "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
         })
-    if algo.critic is not None:
-        if mb.values_live is not None:
-            values = mb.values_live                        # computed in prepare with its graph
-        elif algo.critic == "separate":
+    if mb.values_live is not None:
+        stats["critic/loss"] = vl_live.item()              # back-propagated above
+    elif algo.critic is not None:
+        if algo.critic == "separate":
             ids, attn, pos = sequence_inputs(mb)
             with autocast(run):
                 values = token_values(run.critic, ids, attn, pos, mb.completion_ids.shape[1]).float()
-        vl = A.aggregate_loss(A.value_loss(values, mb.values, mb.returns, mask, cfg.ppo.value_clip), mask,
-                              mode="token-mean", global_tokens=totals["global_tokens"])
+        vl = value_loss(run, mb, values, totals)
         loss = loss + cfg.ppo.vf_coef * vl
         stats["critic/loss"] = vl.item()
     if cfg.ppo.ptx_coef > 0:
@@ -553,6 +555,12 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
         loss = loss + cfg.ppo.ptx_coef * ptx
         stats["ptx/loss"] = ptx.item()
     return loss, stats
+
+
+def value_loss(run: Run, mb: RolloutBatch, values: torch.Tensor, totals: dict) -> torch.Tensor:
+    """The critic's (clipped) value loss, token mean over the minibatch."""
+    return A.aggregate_loss(A.value_loss(values, mb.values, mb.returns, mb.mask, run.cfg.ppo.value_clip), mb.mask,
+                            mode="token-mean", global_tokens=totals["global_tokens"])
 
 
 def ptx_loss(run: Run, share: float) -> torch.Tensor:
