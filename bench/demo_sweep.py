@@ -71,6 +71,19 @@ JOBS2 = {   # the second round: cosine decay, more prompts per step, later SFT s
     "sft06_ppo_g1": ("sft06", BASE + PPO + G1 + ["max_steps=300", "beta=0.02"]),
 }
 JOBS.update(JOBS2)
+DEMO_GRPO = BASE + COS + ["learning_rate=2e-4", "prompts_per_step=32", "group_size=4"]
+DEMO_PPO = BASE + PPO + G1 + COS + ["learning_rate=2e-4", "beta=0.02"]
+JOBS3 = {   # round 3: the demo's GRPO (32 x 4, cosine 2e-4) and PPO (128 x 1) from later or shorter SFT starts
+    "sft07_grpo1000": ("sft07", DEMO_GRPO + ["max_steps=1000"]),
+    "sft07_ppo300": ("sft07", DEMO_PPO + ["max_steps=300"]),
+    "sft07_ppo350_beta0": ("sft07", DEMO_PPO + ["max_steps=350", "beta=0.0"]),
+    "sft07_ppo300_3e-4": ("sft07", DEMO_PPO + ["max_steps=300", "learning_rate=3e-4"]),
+    "sft07_grpo1000_16x8": ("sft07", DEMO_GRPO + ["max_steps=1000", "prompts_per_step=16", "group_size=8"]),
+    "sft07_grpo1200": ("sft07", DEMO_GRPO + ["max_steps=1200"]),
+    "sft07_grpo1000_wu50": ("sft07", DEMO_GRPO + ["max_steps=1000", "warmup_steps=50"]),
+    "sft07_grpo1000_1.5e-4": ("sft07", DEMO_GRPO + ["max_steps=1000", "learning_rate=1.5e-4"]),
+}
+JOBS.update(JOBS3)
 SFT_VARIANTS = {
     # the demo's SFT, stopped later (validation accuracy 0.6 instead of 0.4)
     "sft06": dict(max_steps=450, batch_size=256, learning_rate=3e-3, warmup_steps=30, eval_steps=25,
@@ -80,6 +93,14 @@ SFT_VARIANTS = {
     # a quarter of the batch: fewer samples to the same validation accuracy?
     "sftb64": dict(max_steps=1500, batch_size=64, learning_rate=3e-3, warmup_steps=30, eval_steps=50,
                    stop_at_accuracy=0.4),
+    # round 3: a fixed budget, the cosine decayed to 0 at its end (no early stop: the start is the same every run)
+    "sft250": dict(max_steps=250, batch_size=256, learning_rate=3e-3, warmup_steps=30, eval_steps=50),
+    "sft300": dict(max_steps=300, batch_size=256, learning_rate=3e-3, warmup_steps=30, eval_steps=50),
+    "sft350": dict(max_steps=350, batch_size=256, learning_rate=3e-3, warmup_steps=30, eval_steps=50),
+    "sft07_lr6e-3": dict(max_steps=450, batch_size=256, learning_rate=6e-3, warmup_steps=30, eval_steps=25,
+                         stop_at_accuracy=0.7),
+    "sft07": dict(max_steps=450, batch_size=256, learning_rate=3e-3, warmup_steps=30, eval_steps=25,
+                  stop_at_accuracy=0.7),
 }
 
 
@@ -87,10 +108,19 @@ def build_sft(name: str, out: Path) -> dict:
     from lmpo.config import SFTConfig
     from lmpo.stages.sft import train_sft
 
+    from lmpo.data import addition_heldout
+    from lmpo.models.load import load_causal_lm, load_tokenizer
+    from lmpo.rewards import addition_exact
+    from lmpo.stages.evaluate import evaluate
+
     t0 = time.time()
     m = train_sft(SFTConfig(output_dir=str(out), threads=1, device="cpu", progress=False, **SFT_VARIANTS[name]))
+    seconds = round(time.time() - t0, 1)
+    model, tok = load_causal_lm(str(out)), load_tokenizer(str(out))         # held-out, as the demo's acc()
+    held = [evaluate(model, tok, addition_heldout(), addition_exact, max_new_tokens=6, temperature=t)["accuracy"]
+            for t in (0.0, 1.0)]
     return {"sft": name, "steps": m["steps"], "samples": m["steps"] * SFT_VARIANTS[name]["batch_size"],
-            "seconds": round(time.time() - t0, 1), "history": m["history"][-2:]}
+            "seconds": seconds, "history": m["history"], "heldout_greedy_sampled": held}
 
 
 def run_job(name: str, model, overrides: list[str], out: Path, scale: float, eval_steps: int, deadline: float) -> dict:
@@ -170,6 +200,9 @@ def main(argv=None):
     with ThreadPoolExecutor(len(names) + len(SFT_VARIANTS)) as pool:
         starts = {"demo": Path(args.sft)}
         for s in sorted({JOBS[n][0] for n in names} - {"demo"}):
+            if (out / s / "sft_metrics.json").exists():            # built by an earlier call: reuse it
+                starts[s] = out / s
+                continue
             starts[s] = pool.submit(lambda s=s: (record(build_sft_proc(s, out / s, args.scale)), out / s)[1])
         futs = [pool.submit(run_job, n, starts[JOBS[n][0]], JOBS[n][1], out, args.scale, args.eval_steps, deadline)
                 for n in names]

@@ -36,34 +36,80 @@ def _deep_update(d: dict, u: dict) -> dict:
 
 
 def compare_runs(base: Config, algorithms: list[str], out_dir, steps: dict | None = None,
-                 overrides: dict | None = None, progress: bool = True, report: bool = True) -> list[dict]:
+                 overrides: dict | None = None, progress: bool = True, report: bool = True,
+                 parallel: bool = False) -> list[dict]:
     """Run each algorithm as ``python -m lmpo train`` in its own process (its progress bar with the
-    live reward shows); return one row each. Each run's directory is made anew."""
+    live reward shows); return one row each. Each run's directory is made anew. ``parallel``: all
+    runs at once (one bar per run, read from its metrics.jsonl; give each run its own ``threads``)."""
     out = Path(out_dir)
-    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    jobs = []
     for name in algorithms:
-        cfg = _deep_update(to_dict(base), {"algorithm": name, "output_dir": str(out / name), "progress": progress})
+        cfg = _deep_update(to_dict(base), {"algorithm": name, "output_dir": str(out / name),
+                                           "progress": progress and not parallel})
         if steps and name in steps:
             cfg["max_steps"] = steps[name]
         if overrides and name in overrides:
             _deep_update(cfg, overrides[name])
         shutil.rmtree(out / name, ignore_errors=True)              # a rerun starts this run's files anew
         path = out / f"{name}.yaml"
-        out.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         print(f"-- {name}: {cfg['max_steps']} steps × {cfg['prompts_per_step']} prompts × {cfg['group_size']} samples"
               f" (config {path})", flush=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                             os.environ.get("PYTHONPATH", "")])}
-        t0 = time.time()
-        proc = subprocess.run([sys.executable, "-m", "lmpo", "train", str(path)], env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"lmpo compare: the {name} run failed (exit {proc.returncode}); see its output above.")
-        print(f"-- {name}: done in {time.time() - t0:.0f} s", flush=True)
-        rows.append(summarize(name, Path(cfg["output_dir"])))
+        jobs.append((name, cfg, [sys.executable, "-m", "lmpo", "train", str(path)]))
+    if parallel:
+        procs = [subprocess.Popen(cmd, env=env) for _, _, cmd in jobs]
+        _watch([(name, Path(cfg["output_dir"]), cfg["max_steps"], p) for (name, cfg, _), p in zip(jobs, procs)],
+               progress)
+        codes = [p.wait() for p in procs]
+    else:
+        codes = []
+        for name, _, cmd in jobs:
+            t0 = time.time()
+            codes.append(subprocess.run(cmd, env=env).returncode)
+            print(f"-- {name}: done in {time.time() - t0:.0f} s", flush=True)
+            if codes[-1] != 0:
+                break
+    for (name, _, _), code in zip(jobs, codes):
+        if code != 0:
+            raise RuntimeError(f"lmpo compare: the {name} run failed (exit {code}); see its output above.")
+    rows = [summarize(name, Path(cfg["output_dir"])) for name, cfg, _ in jobs]
     if report:
         write_report(rows, out)
     return rows
+
+
+def _watch(runs: list, progress: bool, every: float = 0.5):
+    """One progress bar per running process, with its live reward, from the lines its metrics.jsonl
+    gains; returns when every process has exited."""
+    from tqdm.auto import tqdm
+
+    bars = [tqdm(total=total, desc=name, position=i, disable=not progress, dynamic_ncols=True)
+            for i, (name, _, total, _) in enumerate(runs)]
+    t0, done = time.time(), {}
+    while True:
+        alive = [p.poll() is None for *_, p in runs]
+        for bar, (name, run_dir, _, proc), up in zip(bars, runs, alive):
+            try:
+                metrics = read_metrics(run_dir)
+            except json.JSONDecodeError:                         # a line being written: read it next time
+                continue
+            if metrics and len(metrics) > bar.n:
+                bar.update(len(metrics) - bar.n)
+                r = metrics[-1].get("reward/mean")
+                bar.set_postfix(reward=f"{r:.4f}" if isinstance(r, (int, float)) else "nan", refresh=False)
+            if not up:
+                done.setdefault(name, time.time() - t0)
+            bar.refresh()
+        if not any(alive):
+            break
+        time.sleep(every)
+    for bar in bars:
+        bar.close()
+    for name, seconds in done.items():
+        print(f"-- {name}: done in {seconds:.0f} s", flush=True)
 
 
 def write_report(rows: list[dict], out: Path):
@@ -211,6 +257,7 @@ def main(argv) -> int:
                                                  "run only (ppo:group_size=1)")
     ap.add_argument("--algorithms", default="grpo,ppo", help="comma-separated presets (default grpo,ppo)")
     ap.add_argument("--output-dir", default="runs/compare")
+    ap.add_argument("--parallel", action="store_true", help="all runs at once (give each its own threads=N)")
     args = ap.parse_args(argv)
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:
@@ -226,7 +273,8 @@ def main(argv) -> int:
         base.eval_steps = max(1, base.max_steps // 10)
     for n in names:                             # each run's own keys, checked before anything runs
         load_config(config, shared + [f"algorithm={n}"] + own[n])
-    rows = compare_runs(base, names, args.output_dir, overrides={n: parse_overrides(own[n]) for n in names})
+    rows = compare_runs(base, names, args.output_dir, overrides={n: parse_overrides(own[n]) for n in names},
+                        parallel=args.parallel)
     print(markdown_table(rows))
     print(f"\nwrote {args.output_dir}/compare.md, compare.json, compare.png")
     return 0

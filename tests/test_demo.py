@@ -16,7 +16,7 @@ from lmpo.io.checkpoint import find_checkpoint
 
 def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkeypatch):
     """A micro demo in a directory holding a previous run's files: every stage prints its bar (GRPO
-    and PPO in their subprocesses too, with the live reward) and its elapsed time, no dependency
+    and PPO, side by side in their subprocesses, with the live reward) and its elapsed time, no dependency
     warns, and the old files are gone (metrics.jsonl has this run's steps only)."""
     import lmpo.demo as demo
 
@@ -37,10 +37,10 @@ def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkey
     assert [r["step"] for r in read_jsonl(out / "grpo" / "metrics.jsonl")] == [1, 2]
     assert [r["step"] for r in read_jsonl(out / "ppo" / "metrics.jsonl")] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stage_seconds"]) == {"sft", "rm", "grpo", "ppo", "compare"}
+    assert set(summary["stage_seconds"]) == {"sft", "rm", "rl", "compare"}
     for name in ("grpo", "ppo"):
         assert f"{name}: 100%" in err and "reward=" in err, f"no {name} progress bar with the reward"
-    for stage in ("sft", "rm", "grpo", "ppo", "compare"):
+    for stage in ("sft", "rm", "rl", "compare"):
         assert f"== {stage}: " in said, f"no elapsed time for the {stage} stage"
     assert "Warning" not in err and "deprecated" not in err, err[-2000:]
     assert "Writing model shards" not in err and "Loading weights" not in err
@@ -183,3 +183,27 @@ def test_compare_cli_with_per_algorithm_keys(sft_dir, tmp_path):
     assert (out / "compare.png").stat().st_size > 0
     bad = lmpo(["compare", *shared, "ppo:group_sise=1", "--output-dir", str(tmp_path / "bad")], cwd=tmp_path)
     assert bad.returncode == 2 and "group_sise" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_ppo_critic_graph_is_freed_before_the_policy_forward(sft_dir, tmp_path, monkeypatch):
+    """One update per rollout: the critic's kept graph is back-propagated before the policy's forward
+    in the update, so the two graphs are never held at once (peak memory): when the policy's
+    forward runs, the critic already has its gradients and the graph is gone."""
+    import lmpo.rl.loop as loop
+
+    seen = []
+    real = loop.completion_logp
+
+    def spy(model, mb, *a, **k):
+        if torch.is_grad_enabled() and mb.values_live is not None:        # the update's policy forward
+            run = spy.run
+            seen.append(all(p.grad is not None for p in run.critic.parameters() if p.requires_grad))
+            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                mb.values_live.sum().backward()
+        return real(model, mb, *a, **k)
+
+    real_setup = loop.setup
+    monkeypatch.setattr(loop, "setup", lambda *a, **k: setattr(spy, "run", real_setup(*a, **k)) or spy.run)
+    monkeypatch.setattr(loop, "completion_logp", spy)
+    train(rl_config(sft_dir, tmp_path / "c", algorithm="ppo", max_steps=2, beta=0.02, learning_rate=1e-3))
+    assert seen == [True, True]

@@ -73,6 +73,14 @@ class Critic:
                               mode="token-mean", global_tokens=totals["global_tokens"])
         return self.vf_coef * vl, {"critic/loss": vl.item()}
 
+    def backward_kept_graph(self, mb, totals: dict) -> dict:
+        """Back-propagate the value loss through the graph ``fill_values`` kept (``mb.values_live``) at
+        once, before the policy's forward builds its own graph: one graph alive at the peak instead of
+        two, the same gradients. Returns the loss's stats."""
+        vl, stats = self.loss(mb, None, totals)
+        vl.backward()
+        return stats
+
     def optimizers(self) -> list:
         """The separate model's optimizer (the loop zeroes, clips and steps it with the policy's);
         none when shared."""

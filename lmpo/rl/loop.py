@@ -489,6 +489,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
     """The policy loss (+ KL in the loss, + value loss, + ptx) of one micro-batch, normalized by the
     minibatch's token / sequence counts so accumulated micro-batches give the minibatch loss."""
     cfg, algo = run.cfg, run.algo
+    live = run.critic.backward_kept_graph(mb, totals) if mb.values_live is not None else None  # one graph at the peak
     with autocast(run):
         logp, entropy, values = completion_logp(run.policy, mb, cfg.temperature, algo.keep_sampling_mask,
                                                 with_entropy=True, value_head=run.value_head,
@@ -530,7 +531,9 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
             "entropy": float(entropy[real].mean()) if real.any() else 0.0,
             "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
         })
-    if run.critic is not None:                            # + vf_coef · value loss
+    if live is not None:                                  # the value loss, back-propagated above
+        stats.update(live)
+    elif run.critic is not None:                          # + vf_coef · value loss
         vl, critic_stats = run.critic.loss(mb, values, totals)
         loss = loss + vl
         stats.update(critic_stats)
