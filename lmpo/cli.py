@@ -68,12 +68,19 @@ def cmd_train(argv):
     from lmpo.launch import train
 
     metrics = train(cfg, resume="--resume" in flags)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
-        return 0
-    keys = [k for k in ("reward/mean", "eval/greedy_accuracy", "eval/sampled_accuracy") if k in metrics]
-    keys += [k for k in metrics if k.startswith("eval/pass@")]
-    print(json.dumps({k: metrics[k] for k in keys}))
-    print(f"saved to {cfg.output_dir}/final")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        keys = [k for k in ("reward/mean", "eval/greedy_accuracy", "eval/sampled_accuracy") if k in metrics]
+        keys += [k for k in metrics if k.startswith("eval/pass@")]
+        print(json.dumps({k: metrics[k] for k in keys}))
+        print(f"saved to {cfg.output_dir}/final")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A finished torchrun rank (files closed, process group destroyed) leaves without interpreter
+        # teardown: there gloo's worker threads may still hold tensors and abort the process
+        # ("terminate called without an active exception", SIGABRT), which fails a finished run. Seen
+        # once in tests/test_distributed.py's FSDP run with the machine busy.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
