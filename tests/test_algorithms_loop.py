@@ -45,7 +45,7 @@ def make_run(policy, ref=None, **settings):
         setattr(cfg.algo, k, v)
     return SimpleNamespace(cfg=cfg, algo=resolve_algorithm(cfg), beta=cfg.beta, policy=policy, ref=ref,
                            use_ref=ref is not None, world=SimpleNamespace(multi=False, size=1, rank=0, main=True),
-                           value_head=None, critic=None, device=torch.device("cpu"))
+                           critic=None, device=torch.device("cpu"))
 
 
 def make_batch(rewards, lengths, T, sampler_logp=None):

@@ -185,25 +185,30 @@ def test_compare_cli_with_per_algorithm_keys(sft_dir, tmp_path):
     assert bad.returncode == 2 and "group_sise" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_ppo_critic_graph_is_freed_before_the_policy_forward(sft_dir, tmp_path, monkeypatch):
-    """One update per rollout: the critic's kept graph is back-propagated before the policy's forward
-    in the update, so the two graphs are never held at once (peak memory): when the policy's
-    forward runs, the critic already has its gradients and the graph is gone."""
+@pytest.mark.parametrize("passes", [{}, {"epochs": 2, "minibatches": 2, "max_steps": 1}], ids=["one-update", "2x2"])
+def test_ppo_critic_graph_is_freed_before_the_policy_forward(sft_dir, tmp_path, monkeypatch, passes):
+    """A separate critic's value loss is back-propagated before the policy's forward in the update
+    (``Critic.add_value_loss``), so the two graphs are never held at once (peak memory): when the
+    policy's forward runs, the critic already has its gradients. With one update per rollout the
+    loss goes through the graph ``prepare`` kept, which is gone by then; otherwise through the
+    critic's own forward."""
     import lmpo.rl.loop as loop
 
     seen = []
     real = loop.completion_logp
 
     def spy(model, mb, *a, **k):
-        if torch.is_grad_enabled() and mb.values_live is not None:        # the update's policy forward
+        if torch.is_grad_enabled():                                       # the update's policy forward
             run = spy.run
             seen.append(all(p.grad is not None for p in run.critic.parameters() if p.requires_grad))
-            with pytest.raises(RuntimeError, match="backward through the graph a second time"):
-                mb.values_live.sum().backward()
+            if mb.values_live is not None:
+                with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+                    mb.values_live.sum().backward()
         return real(model, mb, *a, **k)
 
     real_setup = loop.setup
     monkeypatch.setattr(loop, "setup", lambda *a, **k: setattr(spy, "run", real_setup(*a, **k)) or spy.run)
     monkeypatch.setattr(loop, "completion_logp", spy)
-    train(rl_config(sft_dir, tmp_path / "c", algorithm="ppo", max_steps=2, beta=0.02, learning_rate=1e-3))
-    assert seen == [True, True]
+    settings = {"max_steps": 2, **passes}
+    train(rl_config(sft_dir, tmp_path / "c", algorithm="ppo", beta=0.02, learning_rate=1e-3, **settings))
+    assert seen == [True] * (2 if not passes else 4)

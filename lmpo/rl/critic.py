@@ -30,11 +30,6 @@ class Critic:
         self.model, self.optimizer, self.shared = model, optimizer, shared
         self.vf_coef, self.value_clip, self.bf16 = vf_coef, value_clip, bf16
 
-    @property
-    def head(self) -> torch.nn.Module | None:
-        """The head the policy's forward applies to its hidden states (shared), else None."""
-        return self.model if self.shared else None
-
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
@@ -59,27 +54,32 @@ class Critic:
         else:
             batch.values = self._forward(batch)
 
-    def loss(self, mb, policy_values: torch.Tensor | None, totals: dict) -> tuple[torch.Tensor, dict]:
+    def add_value_loss(self, mb, totals: dict, objective) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's policy loss + vf_coef · L_V, with the stats of both. ``objective(value_head)``
+        is the policy's forward and loss: ``(loss, stats, values)``, ``values`` from ``value_head`` on the
+        policy's last hidden states (None without one). The critic orders the work around it:
+
+        - separate: its value loss is back-propagated first, through the graph ``fill_values`` kept
+          (``mb.values_live``) or a forward of its own, so its graph is freed before the policy's is
+          built (one graph alive at the peak, not two; the same gradients, the graphs share nothing);
+          the returned loss is the policy's alone;
+        - shared: the policy's forward gives the values; the value loss joins the policy's loss."""
+        if self.shared:
+            loss, stats, values = objective(self.model)
+            vl, critic_stats = self._value_loss(mb, values, totals)
+            return loss + vl, {**stats, **critic_stats}
+        vl, critic_stats = self._value_loss(mb, mb.values_live if mb.values_live is not None else self._forward(mb),
+                                            totals)
+        vl.backward()
+        loss, stats, _ = objective(None)
+        return loss, {**stats, **critic_stats}
+
+    def _value_loss(self, mb, values: torch.Tensor, totals: dict) -> tuple[torch.Tensor, dict]:
         """vf_coef · L_V over the minibatch's real tokens (token mean over ``global_tokens``), with
-        L_V = ½·max((V − R)², (clip(V, V_old ± ε) − R)²) (``lmpo.algorithms.value_loss``). The values
-        are the policy forward's (shared), prepare's live ones, or a forward of the value model."""
-        if mb.values_live is not None:
-            values = mb.values_live
-        elif self.shared:
-            values = policy_values
-        else:
-            values = self._forward(mb)
+        L_V = ½·max((V − R)², (clip(V, V_old ± ε) − R)²) (``lmpo.algorithms.value_loss``)."""
         vl = A.aggregate_loss(A.value_loss(values, mb.values, mb.returns, mb.mask, self.value_clip), mb.mask,
                               mode="token-mean", global_tokens=totals["global_tokens"])
         return self.vf_coef * vl, {"critic/loss": vl.item()}
-
-    def backward_kept_graph(self, mb, totals: dict) -> dict:
-        """Back-propagate the value loss through the graph ``fill_values`` kept (``mb.values_live``) at
-        once, before the policy's forward builds its own graph: one graph alive at the peak instead of
-        two, the same gradients. Returns the loss's stats."""
-        vl, stats = self.loss(mb, None, totals)
-        vl.backward()
-        return stats
 
     def optimizers(self) -> list:
         """The separate model's optimizer (the loop zeroes, clips and steps it with the policy's);

@@ -486,13 +486,27 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
 
 
 def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dict]:
-    """The policy loss (+ KL in the loss, + value loss, + ptx) of one micro-batch, normalized by the
+    """The loss of one micro-batch: the policy's objective, + vf_coef · value loss with a critic (which
+    orders its work around the policy's forward: ``Critic.add_value_loss``), + ptx. Normalized by the
     minibatch's token / sequence counts so accumulated micro-batches give the minibatch loss."""
+    if run.critic is not None:
+        loss, stats = run.critic.add_value_loss(mb, totals, lambda head: policy_objective(run, mb, totals, head))
+    else:
+        loss, stats, _ = policy_objective(run, mb, totals)
+    if run.cfg.ppo.ptx_coef > 0:
+        ptx = ptx_loss(run, len(mb) / float(totals["global_seqs"]))
+        loss = loss + run.cfg.ppo.ptx_coef * ptx
+        stats["ptx/loss"] = ptx.item()
+    return loss, stats
+
+
+def policy_objective(run: Run, mb: RolloutBatch, totals: dict, value_head=None) -> tuple[torch.Tensor, dict, object]:
+    """The policy's loss (+ KL in the loss) of one micro-batch, its stats, and the values ``value_head``
+    gives on the forward's last hidden states (a shared critic's; None without a head)."""
     cfg, algo = run.cfg, run.algo
-    live = run.critic.backward_kept_graph(mb, totals) if mb.values_live is not None else None  # one graph at the peak
     with autocast(run):
         logp, entropy, values = completion_logp(run.policy, mb, cfg.temperature, algo.keep_sampling_mask,
-                                                with_entropy=True, value_head=run.value_head,
+                                                with_entropy=True, value_head=value_head,
                                                 padding_free=cfg.padding_free)                   # [n, T]
     old = mb.old_logp if mb.old_logp is not None else logp.detach()
     mask = mb.mask
@@ -531,17 +545,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
             "entropy": float(entropy[real].mean()) if real.any() else 0.0,
             "kl": float(A.kl_penalty(logp, mb.ref_logp, "k3", mask=mask)[real].mean()) if kl is not None and real.any() else 0.0,
         })
-    if live is not None:                                  # the value loss, back-propagated above
-        stats.update(live)
-    elif run.critic is not None:                          # + vf_coef · value loss
-        vl, critic_stats = run.critic.loss(mb, values, totals)
-        loss = loss + vl
-        stats.update(critic_stats)
-    if cfg.ppo.ptx_coef > 0:
-        ptx = ptx_loss(run, len(mb) / float(totals["global_seqs"]))
-        loss = loss + cfg.ppo.ptx_coef * ptx
-        stats["ptx/loss"] = ptx.item()
-    return loss, stats
+    return loss, stats, values
 
 
 def ptx_loss(run: Run, share: float) -> torch.Tensor:

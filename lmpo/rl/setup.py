@@ -160,11 +160,6 @@ class Run:
         return self.ref is not None or (self.cfg.lora_r > 0 and self.beta > 0 and self.algo.kl_placement != "none")
 
     @property
-    def value_head(self) -> torch.nn.Module | None:
-        """The head the policy's forward applies for a shared critic, else None."""
-        return self.critic.head if self.critic is not None else None
-
-    @property
     def optimizers(self) -> list:
         """The policy's optimizer first, then a separate critic's."""
         return [self.optimizer, *(self.critic.optimizers() if self.critic is not None else [])]
