@@ -26,6 +26,17 @@ def mem() -> tuple[float, float, float, float]:
     return tuple(int(kv[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"))
 
 
+def release_free_heap():
+    """glibc's ``malloc_trim(0)``: the heap's free pages back to the system (they fault in again when
+    reused). glibc serves blocks under its mmap threshold (which rises to 32 MiB once large blocks are
+    freed) from its heap and keeps their pages resident after ``free``."""
+    import ctypes
+
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim:
+        trim(0)
+
+
 def show(what: str, before: float | None = None):
     rss, peak, anon, file = mem()
     grew = f"  (+{rss - before:.1f})" if before is not None else ""
@@ -37,8 +48,15 @@ def main(argv=None):
     ap.add_argument("--model", required=True)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--show-steps", type=int, default=2, help="print the phases of this many first steps")
+    ap.add_argument("--trim", default="", help="comma-separated loop phases (collect, prepare, update) after "
+                                                "which to call glibc's malloc_trim(0)")
+    ap.add_argument("--modules", action="store_true", help="list the top-level modules imported at the end")
+    ap.add_argument("--trim-before", default="", help="the same, before these phases (checkpoint, save_final)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    trim_after = {p for p in args.trim.split(",") if p}
+    trim_before = {p for p in args.trim_before.split(",") if p}
+    grew: list = []                                     # (phase, step, MiB the peak grew by during it)
     show("python")
     import torch  # noqa: F401
     show("import torch")
@@ -53,8 +71,14 @@ def main(argv=None):
         fn = getattr(mod, name)
 
         def inner(*a, **k):
-            before = mem()[0]
+            if name in trim_before:
+                release_free_heap()
+            before, peak0 = mem()[:2]
             res = fn(*a, **k)
+            if name in trim_after:
+                release_free_heap()
+            if mem()[1] > peak0:
+                grew.append((name, step["n"] + 1, mem()[1] - peak0))
             if step["n"] < args.show_steps or name in ("setup", "save_final", "evaluate_policy"):
                 show(f"{label or name} (step {step['n'] + 1})" if name in ("collect", "prepare", "update") else name,
                      before)
@@ -74,9 +98,17 @@ def main(argv=None):
                   **{"ppo.critic_init": "policy", "ppo.vf_coef": 0.1, "ppo.critic_learning_rate": 3e-5})
         cfg = load_config(None, [f"{k}={v}" for k, v in kv.items()] + args.overrides)
         L.train(cfg)
+        from lmpo.io.logging import read_metrics
+
+        rows = read_metrics(tmp)
+        times = sorted(r["time/step_s"] for r in rows[5:] or rows)
+        print(f"median s/step (after step 5): {times[len(times) // 2]:.4f}; trim after: {args.trim or 'none'}, "
+              f"before: {args.trim_before or 'none'}")
+        print("the peak grew during:", ", ".join(f"{n} (step {k}) +{d:.1f}" for n, k, d in grew))
     show("end")
     big = sorted({m.split(".")[0] for m in sys.modules})
-    print("top-level modules:", " ".join(big))
+    if args.modules:
+        print("top-level modules:", " ".join(big))
 
 
 if __name__ == "__main__":

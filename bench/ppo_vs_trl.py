@@ -7,6 +7,7 @@ TRL 1.12 lives in its own environment (it pins nothing lmpo needs, and lmpo neve
 
     python bench/ppo_vs_trl.py --model runs/demo/sft                       # both, 150 steps each
     python bench/ppo_vs_trl.py --model runs/demo/sft --steps 30 --tools lmpo
+    python bench/ppo_vs_trl.py --model runs/demo/sft --steps 40 --tools lmpo --set fused_adamw=true
     python bench/ppo_vs_trl.py --trl-python /path/to/venv/bin/python ...
 
 The same work for both: the same SFT start as policy, reference and critic backbone, 64 prompts per
@@ -35,13 +36,13 @@ sys.path.insert(0, str(ROOT))
 WORK = dict(prompts=64, new_tokens=6, lr=3e-5, beta=0.04, vf_coef=0.1, threads=1, seed=0)
 
 
-def lmpo_cmd(model: str, out: Path, steps: int) -> list[str]:
+def lmpo_cmd(model: str, out: Path, steps: int, extra: list[str] = ()) -> list[str]:
     w = WORK
     kv = dict(model=model, output_dir=out, algorithm="ppo", group_size=1, prompts_per_step=w["prompts"],
               max_new_tokens=w["new_tokens"], learning_rate=w["lr"], beta=w["beta"], max_steps=steps, epochs=1,
               minibatches=1, seed=w["seed"], threads=w["threads"], progress="false", save_steps=10**6, log_samples=0,
               **{"ppo.critic_init": "policy", "ppo.vf_coef": w["vf_coef"], "ppo.critic_learning_rate": w["lr"]})
-    return [sys.executable, "-m", "lmpo", "train", *[f"{k}={v}" for k, v in kv.items()]]
+    return [sys.executable, "-m", "lmpo", "train", *[f"{k}={v}" for k, v in kv.items()], *extra]
 
 
 def run_trl(spec: dict):
@@ -129,6 +130,8 @@ def main(argv=None):
     p.add_argument("--tools", default="lmpo,trl")
     p.add_argument("--trl-python", default="/work/venv-trl112/bin/python")
     p.add_argument("--root", default=str(ROOT / "runs" / "ppo_vs_trl"))
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra lmpo train overrides for lmpo's run (e.g. fused_adamw=true)")
     a = p.parse_args(argv)
     from bench.vs_trl import run_measured
     from lmpo.io.logging import read_metrics
@@ -142,7 +145,7 @@ def main(argv=None):
 
             shutil.rmtree(out)
         if tool == "lmpo":
-            cmd = lmpo_cmd(a.model, out, a.steps)
+            cmd = lmpo_cmd(a.model, out, a.steps, a.set)
         else:
             spec = dict(WORK, model=a.model, out=str(out), steps=a.steps)
             cmd = [a.trl_python, str(Path(__file__).resolve()), "_trl", json.dumps(spec)]

@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,11 +37,15 @@ def _deep_update(d: dict, u: dict) -> dict:
 
 
 def compare_runs(base: Config, algorithms: list[str], out_dir, steps: dict | None = None,
-                 overrides: dict | None = None, progress: bool = True, report: bool = True,
-                 parallel: bool = False) -> list[dict]:
+                 overrides: dict | None = None, report: bool = True, parallel: bool = False,
+                 after: dict | None = None) -> list[dict]:
     """Run each algorithm as ``python -m lmpo train`` in its own process (its progress bar with the
-    live reward shows); return one row each. Each run's directory is made anew. ``parallel``: all
-    runs at once (one bar per run, read from its metrics.jsonl; give each run its own ``threads``)."""
+    live reward shows, unless ``base.progress`` is off); return one row each. Each run's directory
+    is made anew. ``parallel``: all runs at once (one bar per run, read from its metrics.jsonl; give
+    each run its own ``threads``). ``after``: {run name: function}, called in this process once that run has finished successfully
+    (with ``parallel``, in a thread while the other runs go on: work for the core the run frees);
+    this function returns when those calls have too, and re-raises the first error among them."""
+    after = after or {}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
@@ -48,7 +53,7 @@ def compare_runs(base: Config, algorithms: list[str], out_dir, steps: dict | Non
     jobs = []
     for name in algorithms:
         cfg = _deep_update(to_dict(base), {"algorithm": name, "output_dir": str(out / name),
-                                           "progress": progress and not parallel})
+                                           "progress": base.progress and not parallel})
         if steps and name in steps:
             cfg["max_steps"] = steps[name]
         if overrides and name in overrides:
@@ -61,9 +66,14 @@ def compare_runs(base: Config, algorithms: list[str], out_dir, steps: dict | Non
         jobs.append((name, cfg, [sys.executable, "-m", "lmpo", "train", str(path)]))
     if parallel:
         procs = [subprocess.Popen(cmd, env=env) for _, _, cmd in jobs]
-        _watch([(name, Path(cfg["output_dir"]), cfg["max_steps"], p) for (name, cfg, _), p in zip(jobs, procs)],
-               progress)
+        threads = _watch([(name, Path(cfg["output_dir"]), cfg["max_steps"], p) for (name, cfg, _), p in zip(jobs, procs)],
+                         base.progress, after)
         codes = [p.wait() for p in procs]
+        for th in threads:
+            th.join()
+        errors = [th.error for th in threads if th.error is not None]
+        if errors:
+            raise errors[0]
     else:
         codes = []
         for name, _, cmd in jobs:
@@ -72,6 +82,8 @@ def compare_runs(base: Config, algorithms: list[str], out_dir, steps: dict | Non
             print(f"-- {name}: done in {time.time() - t0:.0f} s", flush=True)
             if codes[-1] != 0:
                 break
+            if name in after:
+                after[name]()
     for (name, _, _), code in zip(jobs, codes):
         if code != 0:
             raise RuntimeError(f"lmpo compare: the {name} run failed (exit {code}); see its output above.")
@@ -81,27 +93,28 @@ def compare_runs(base: Config, algorithms: list[str], out_dir, steps: dict | Non
     return rows
 
 
-def _watch(runs: list, progress: bool, every: float = 0.5):
+def _watch(runs: list, progress: bool, after: dict | None = None, every: float = 0.5) -> list:
     """One progress bar per running process, with its live reward, from the lines its metrics.jsonl
-    gains; returns when every process has exited."""
+    gains (read from where the last look stopped: re-reading a whole 1 200-step file twice a
+    second cost the runs' cores seconds); returns when every process has exited, with the threads
+    running ``after``'s functions, each started when its run exited with status 0."""
     from tqdm.auto import tqdm
 
     bars = [tqdm(total=total, desc=name, position=i, disable=not progress, dynamic_ncols=True)
             for i, (name, _, total, _) in enumerate(runs)]
-    t0, done = time.time(), {}
+    t0, done, tails, threads = time.time(), {}, [_Tail(run_dir / "metrics.jsonl") for _, run_dir, _, _ in runs], []
     while True:
         alive = [p.poll() is None for *_, p in runs]
-        for bar, (name, run_dir, _, proc), up in zip(bars, runs, alive):
-            try:
-                metrics = read_metrics(run_dir)
-            except json.JSONDecodeError:                         # a line being written: read it next time
-                continue
-            if metrics and len(metrics) > bar.n:
-                bar.update(len(metrics) - bar.n)
-                r = metrics[-1].get("reward/mean")
+        for bar, tail, (name, _, _, proc), up in zip(bars, tails, runs, alive):
+            last = tail.read()
+            if tail.lines > bar.n:
+                bar.update(tail.lines - bar.n)
+                r = (last or {}).get("reward/mean")
                 bar.set_postfix(reward=f"{r:.4f}" if isinstance(r, (int, float)) else "nan", refresh=False)
-            if not up:
-                done.setdefault(name, time.time() - t0)
+            if not up and name not in done:
+                done[name] = time.time() - t0
+                if proc.returncode == 0 and after and name in after:
+                    threads.append(_Thread(after[name]))
             bar.refresh()
         if not any(alive):
             break
@@ -110,6 +123,46 @@ def _watch(runs: list, progress: bool, every: float = 0.5):
         bar.close()
     for name, seconds in done.items():
         print(f"-- {name}: done in {seconds:.0f} s", flush=True)
+    return threads
+
+
+class _Tail:
+    """A growing JSON-lines file read incrementally: ``read()`` takes the complete lines added since
+    the last call (a line being written waits for the next) and returns the last one parsed."""
+
+    def __init__(self, path: Path):
+        self.path, self.pos, self.lines = path, 0, 0
+
+    def read(self) -> dict | None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        end = data.rfind(b"\n") + 1
+        new = [line for line in data[:end].splitlines() if line.strip()]
+        self.pos += end
+        self.lines += len(new)
+        try:
+            return json.loads(new[-1]) if new else None
+        except json.JSONDecodeError:
+            return None
+
+
+class _Thread(threading.Thread):
+    """``fn()`` in a started thread; an exception it raises is kept in ``error`` for the caller."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.error = fn, None
+        self.start()
+
+    def run(self):
+        try:
+            self.fn()
+        except BaseException as e:        # re-raised by compare_runs once the runs are done
+            self.error = e
 
 
 def write_report(rows: list[dict], out: Path):

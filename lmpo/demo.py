@@ -1,8 +1,9 @@
 """``lmpo demo`` (``make demo``): the whole pipeline on the embedded task, end to end, offline.
 
-tiny model ─► SFT warm start ─► reward model on preference pairs ─► GRPO and PPO from the same SFT
-start ─► held-out greedy and sampled accuracy before and after, PPO and GRPO compared at equal
-samples and at equal training time ─► runs/demo/summary.json, compare.png + tables.
+tiny model ─► SFT warm start ─► GRPO and PPO from the same SFT start, side by side (and, on the core
+PPO frees, a reward model on preference pairs) ─► held-out greedy and sampled accuracy before and
+after, PPO and GRPO compared at equal samples and at equal training time ─► runs/demo/summary.json,
+compare.png + tables.
 
 Every stage shows a progress bar with its live metric and ends with its elapsed time; every stage's
 directory is made anew, so the demo can be run again and again.
@@ -106,18 +107,18 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
     sft_g, sft_s = acc(sft_dir)
     print(f"sft: {sft['steps']} steps × 256 pairs; held-out accuracy greedy {sft_g:.3f}, sampled {sft_s:.3f}")
 
-    stage("rm", "reward model: Bradley-Terry on correct vs wrong answers (bar: loss)")
-    rm = train_reward_model(RMConfig(model=str(sft_dir), output_dir=str(fresh(out / "rm")),
-                                     max_steps=budget["rm_steps"], progress=True))
-    print(f"rm: held-out pairwise accuracy {rm.get('eval/accuracy', float('nan')):.3f}")
-
-    # GRPO and PPO side by side, each in its own process on its own core (one thread each)
+    # GRPO and PPO side by side, each in its own process on its own core (one thread each). Neither
+    # uses the reward model (their reward is the exact-match check), so it trains in this process on
+    # the core the shorter PPO run frees, while GRPO goes on (one thread: the other core is GRPO's).
     base = Config(model=str(sft_dir), reward_funcs=["addition_exact"], max_new_tokens=6, beta=0.0,
                   learning_rate=2e-4, lr_schedule="cosine", threads=threads or 1, save_steps=100_000,
                   eval_steps=budget["eval_steps"], overwrite_output_dir=True)   # a rerun starts its runs anew
-    stage("rl", "GRPO and PPO from the SFT start, side by side, one core each (bars: live reward)")
+    rm: dict = {}
+    stage("rl", "GRPO and PPO from the SFT start, side by side, one core each, then the reward model on the "
+                "core PPO frees (bars: live reward, RM loss)")
     rows = compare_runs(base, ["grpo", "ppo"], out, steps={"grpo": budget["grpo_steps"], "ppo": budget["ppo_steps"]},
-                        overrides={"grpo": GRPO, "ppo": PPO}, report=False, parallel=True)
+                        overrides={"grpo": GRPO, "ppo": PPO}, report=False, parallel=True,
+                        after={"ppo": lambda: rm.update(reward_model(out / "rm", sft_dir, budget["rm_steps"]))})
     runs = dict(zip(("grpo", "ppo"), rows))
     stage("compare", "PPO vs GRPO at equal samples and equal training time")
     write_report(rows, out)
@@ -128,11 +129,24 @@ def run_demo(out: Path, budget: dict, threads) -> dict:
         "sft_accuracy": sft_g, "sft_sampled_accuracy": sft_s, "sft_steps": sft["steps"],
         "grpo_accuracy": runs["grpo"]["greedy_accuracy"], "grpo_sampled_accuracy": runs["grpo"]["sampled_accuracy"],
         "ppo_accuracy": runs["ppo"]["greedy_accuracy"], "ppo_sampled_accuracy": runs["ppo"]["sampled_accuracy"],
-        "rm_pairwise_accuracy": rm.get("eval/accuracy"),
+        "rm_pairwise_accuracy": rm.get("eval/accuracy"), "rm_seconds": rm.get("seconds"),
         "compare": rows,
         "compare_table": markdown_table(rows),
         "stage_seconds": stage.seconds,
     }
+
+
+def reward_model(out: Path, sft_dir: Path, steps: int) -> dict:
+    """The reward model from the SFT start, in this process with one thread (the other core runs GRPO);
+    its metrics plus ``seconds``."""
+    t0 = time.time()
+    print("\n== reward model: Bradley-Terry on correct vs wrong answers, on the core PPO freed (bar: loss)", flush=True)
+    rm = train_reward_model(RMConfig(model=str(sft_dir), output_dir=str(fresh(out)), threads=1, max_steps=steps,
+                                     progress=True))
+    rm["seconds"] = round(time.time() - t0, 1)
+    print(f"== rm: {rm['seconds']:.0f} s; held-out pairwise accuracy {rm.get('eval/accuracy', float('nan')):.3f}",
+          flush=True)
+    return rm
 
 
 def table(s: dict) -> str:
@@ -154,7 +168,8 @@ def table(s: dict) -> str:
              "| policy | budget | greedy | sampled (T=1) |", "|---|---|---|---|"]
     lines += [f"| {n} | {b} | {g:.3f} | {sm:.3f} |" for n, b, g, sm in rows]
     if s.get("rm_pairwise_accuracy") is not None:
-        lines.append(f"\nreward model held-out pairwise accuracy: {s['rm_pairwise_accuracy']:.3f}")
+        took = f" (trained in {s['rm_seconds']:.0f} s during the RL stage)" if s.get("rm_seconds") else ""
+        lines.append(f"\nreward model held-out pairwise accuracy: {s['rm_pairwise_accuracy']:.3f}{took}")
     lines.append("\n" + s["compare_table"])
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in s.get("stage_seconds", {}).items())
     lines.append(f"\ntotal {s.get('seconds', 0):.0f} s ({stages})")

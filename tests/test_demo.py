@@ -29,7 +29,15 @@ def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkey
     monkeypatch.setattr(demo, "QUICK", micro)
     monkeypatch.setattr(demo, "PPO", {**demo.PPO, "prompts_per_step": 8})   # twice GRPO's samples per step
     monkeypatch.setattr(demo, "GRPO", {**demo.GRPO, "prompts_per_step": 2, "group_size": 2})
+    seen, real_rm = [], demo.train_reward_model
+
+    def rm_after_ppo(cfg):                      # the reward model trains on the core PPO frees
+        seen.append((out / "ppo" / "summary.json").exists())
+        return real_rm(cfg)
+
+    monkeypatch.setattr(demo, "train_reward_model", rm_after_ppo)
     assert demo.main(["--quick", "--output-dir", str(out), "--threads", "1"]) == 0
+    assert seen == [True], "the reward model did not train once, after the PPO run had finished"
     cap = capfd.readouterr()
     err, said = cap.err, cap.out
     for stage in ("sft", "rm", "grpo", "ppo"):
@@ -37,15 +45,33 @@ def test_demo_stages_are_visible_and_a_rerun_starts_anew(tmp_path, capfd, monkey
     assert [r["step"] for r in read_jsonl(out / "grpo" / "metrics.jsonl")] == [1, 2]
     assert [r["step"] for r in read_jsonl(out / "ppo" / "metrics.jsonl")] == [1, 2]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stage_seconds"]) == {"sft", "rm", "rl", "compare"}
-    for name in ("grpo", "ppo"):
-        assert f"{name}: 100%" in err and "reward=" in err, f"no {name} progress bar with the reward"
+    assert set(summary["stage_seconds"]) == {"sft", "rl", "compare"}          # the RM trains within "rl"
+    assert summary["rm_seconds"] > 0 and (out / "rm" / "metrics.json").exists()
+    for name in ("grpo", "ppo", "rm"):
+        assert f"{name}: 100%" in err, f"no {name} progress bar"
+    assert "reward=" in err, "no live reward on the RL bars"
     for stage in ("sft", "rm", "rl", "compare"):
         assert f"== {stage}: " in said, f"no elapsed time for the {stage} stage"
     assert "Warning" not in err and "deprecated" not in err, err[-2000:]
     assert "Writing model shards" not in err and "Loading weights" not in err
     assert (out / "compare.png").stat().st_size > 0
     assert "equal samples" in summary["compare_table"]
+
+
+def test_watcher_reads_only_complete_new_lines(tmp_path):
+    """The progress bars' reader of a growing metrics.jsonl counts complete lines only (a line being
+    written waits) and parses just the newest one."""
+    from lmpo.compare import _Tail
+
+    path = tmp_path / "metrics.jsonl"
+    tail = _Tail(path)
+    assert tail.read() is None and tail.lines == 0                # not written yet
+    path.write_text('{"step": 1, "reward/mean": 0.25}\n{"step": 2, "reward/mean": 0.5}\n{"step": 3, "rew')
+    assert tail.read() == {"step": 2, "reward/mean": 0.5} and tail.lines == 2
+    with open(path, "a") as f:
+        f.write('ard/mean": 0.75}\n')
+    assert tail.read() == {"step": 3, "reward/mean": 0.75} and tail.lines == 3
+    assert tail.read() is None and tail.lines == 3                # nothing new
 
 
 def _row(name, per_step, step_s, evals):
@@ -212,3 +238,4 @@ def test_ppo_critic_graph_is_freed_before_the_policy_forward(sft_dir, tmp_path, 
     settings = {"max_steps": 2, **passes}
     train(rl_config(sft_dir, tmp_path / "c", algorithm="ppo", beta=0.02, learning_rate=1e-3, **settings))
     assert seen == [True] * (2 if not passes else 4)
+
