@@ -172,6 +172,20 @@ def test_humaneval_body_and_full_function(reward):
     assert program(HE_PROMPT, body) == body  # no entry point: nothing prepended
 
 
+def test_solution_block_is_graded_not_the_example_after_it(reward):
+    """A chat reply with the solution in one block and example usage in a later one (as SmolLM2
+    writes them) is graded on the block that defines the entry point; without an entry point the
+    last block is taken, and a reply whose only definition is wrong still fails."""
+    full = "def scale(xs: List[int]) -> List[int]:\n    return [helper(x) for x in xs]\n"
+    usage = "print(scale([1, 2]))\n"
+    reply = [{"role": "assistant", "content": f"```python\n{full}```\nExample:\n```python\n{usage}```"}]
+    wrong = [{"role": "assistant", "content": f"```python\n{full.replace('helper(x)', 'x')}```\n```python\n{usage}```"}]
+    out = reward(prompts=[HE_PROMPT] * 2, completions=[reply, wrong], tests=[HE_TEST] * 2, entry_point=["scale"] * 2)
+    assert out == [1.0, 0.0]
+    assert extract_code(reply[0]["content"], "scale") == full
+    assert extract_code(reply[0]["content"]) == usage
+
+
 def test_chat_prompts_and_completions(reward):
     prompt = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "add two numbers"}]
     comp = [{"role": "assistant", "content": "```python\ndef add(a, b):\n    return a + b\n```"}]

@@ -20,11 +20,16 @@ _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PY_TAGS = {"python", "py", "python3", "py3"}
 
 
-def extract_code(completion: str) -> str:
-    """The code in a completion: the last ```python fenced block, else the last fenced block
-    of any language tag, else the whole text. An unclosed fence (a truncated completion) runs
-    to the end of the text."""
+def extract_code(completion: str, entry_point: str | None = None) -> str:
+    """The code in a completion: with an ``entry_point``, the last fenced block that defines it
+    (a reply that ends with an example-usage block is graded on its solution); else the last
+    ```python fenced block, else the last fenced block of any language tag, else the whole text.
+    An unclosed fence (a truncated completion) runs to the end of the text."""
     blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(completion)]
+    if entry_point:
+        defining = [body for _, body in blocks if (tree := _parses(body)) is not None and _defines(tree, entry_point)]
+        if defining:
+            return defining[-1]
     python = [body for tag, body in blocks if tag in _PY_TAGS]
     if python:
         return python[-1]
@@ -59,12 +64,12 @@ def _defines(tree, name: str) -> bool:
 
 def program(prompt, completion, entry_point: str | None = None) -> str:
     """The program to test for one sample. The code is the completion's (a string or TRL chat
-    messages; fenced blocks as in :func:`extract_code`). With an ``entry_point``, when the prompt
+    messages; fenced blocks as in :func:`extract_code`, the entry point's block first). With an ``entry_point``, when the prompt
     is Python that defines it (a HumanEval-style signature + docstring, possibly in a fenced
     block of a chat message), the prompt comes first: a completion that does not define the
     entry point continues it (the function body); one that does follows it and replaces the
     prompt's stub (the prompt's imports and helpers stay)."""
-    code = extract_code(as_text(completion))
+    code = extract_code(as_text(completion), entry_point)
     if not entry_point or prompt is None:
         return code
     prefix = extract_code(as_text(prompt))
