@@ -362,8 +362,7 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
         if run.use_ref:
             batch.ref_logp = ref_logp_of(run, batch)
     with t("prepare/values"):
-        if run.critic is not None:                         # V(s_t) [N, T] before the update
-            run.critic.fill_values(run.policy, batch, cfg.temperature, keep_graph=one_update_pass(run, batch))
+        run.critic.fill_values(run.policy, batch, cfg.temperature, keep_graph=one_update_pass(run, batch))  # V(s_t) [N, T]
     stats = {}
     if batch.turn_rewards is not None and algo.advantage in ("gae", "reinforce_pp"):   # turn rewards where earned
         w = sum(wt for (name, _), wt in zip(run.rewards.sources, run.rewards.weights) if name == "env_reward")
@@ -489,10 +488,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
     """The loss of one micro-batch: the policy's objective, + vf_coef · value loss with a critic (which
     orders its work around the policy's forward: ``Critic.add_value_loss``), + ptx. Normalized by the
     minibatch's token / sequence counts so accumulated micro-batches give the minibatch loss."""
-    if run.critic is not None:
-        loss, stats = run.critic.add_value_loss(mb, totals, lambda head: policy_objective(run, mb, totals, head))
-    else:
-        loss, stats, _ = policy_objective(run, mb, totals)
+    loss, stats = run.critic.add_value_loss(mb, totals, lambda head: policy_objective(run, mb, totals, head))
     if run.cfg.ppo.ptx_coef > 0:
         ptx = ptx_loss(run, len(mb) / float(totals["global_seqs"]))
         loss = loss + run.cfg.ppo.ptx_coef * ptx
@@ -595,10 +591,9 @@ def weights_finite(run: Run, collective: bool = True) -> bool:
     """Every weight of the policy (and critic, value head) is finite. ``collective``: agreed over
     ranks (each rank checks its shard); False checks only this rank's tensors (a crash path)."""
     bad = torch.zeros((), dtype=torch.float64, device=run.device)
-    for model in run.trained_modules():
-        for p in model.parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            bad += (~torch.isfinite(local)).sum().double().to(bad.device)
+    for p in run.trained_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local)).sum().double().to(bad.device)
     if collective:
         bad = D.all_sum(run, {"bad": bad})["bad"]
     return float(bad) == 0

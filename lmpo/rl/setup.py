@@ -27,7 +27,7 @@ from lmpo.rewards.reward_model import RewardModelScorer
 from lmpo.rewards.remote import RemoteReward
 from lmpo.models.load import resolve_model
 from lmpo.models.value import param_bytes
-from lmpo.rl.critic import Critic, make_critic
+from lmpo.rl.critic import Critic, NoCritic, make_critic
 from lmpo.rl.iterative import Iterative
 
 
@@ -130,7 +130,7 @@ class Run:
     tokenizer: object
     policy: torch.nn.Module
     ref: torch.nn.Module | None
-    critic: Critic | None
+    critic: Critic | NoCritic
     optimizer: torch.optim.Optimizer
     scheduler: object
     prompts: PromptStream
@@ -162,16 +162,14 @@ class Run:
     @property
     def optimizers(self) -> list:
         """The policy's optimizer first, then a separate critic's."""
-        return [self.optimizer, *(self.critic.optimizers() if self.critic is not None else [])]
+        return [self.optimizer, *self.critic.optimizers()]
 
-    def trained_modules(self) -> list:
-        return [self.policy, *([self.critic.model] if self.critic is not None else [])]
+    def trained_parameters(self) -> list:
+        return [*self.policy.parameters(), *self.critic.parameters()]
 
     def state_bytes(self) -> dict:
         """Bytes each trained model holds (parameters, gradients, optimizer state), for summary.json."""
-        state = {"policy": param_bytes(self.policy, self.optimizer)}
-        if self.critic is not None and self.critic.state_bytes() is not None:
-            state["critic"] = self.critic.state_bytes()
+        state = {"policy": param_bytes(self.policy, self.optimizer), **self.critic.state_bytes()}
         if self.ref is not None:
             state["reference"] = param_bytes(self.ref)
         return state
@@ -320,9 +318,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         ref_dir = str(ckpt / "ref") if ckpt and (ckpt / "ref").exists() else model_dir
         ref = D.prepare_model(load_causal_lm(ref_dir, device, trainable=False), world, trainable=False)
     critic = make_critic(cfg, algo.critic, policy, model_dir, tokenizer, device, world, ckpt)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if critic is not None and critic.shared:        # the head trains with the policy's optimizer and clipping
-        params += list(critic.parameters())
+    params = [p for p in policy.parameters() if p.requires_grad] + critic.shared_parameters()   # a shared head's
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
     max_prompt_len = prompt_room(cfg, context_length(policy), rows, tokenizer)
@@ -380,10 +376,8 @@ def checkpoint(run: Run, crashing: bool = False):
         return None
     states = {"optimizer": D.optimizer_state(run), "scheduler": run.scheduler.state_dict(),
               "prompts": run.prompts.state(), "beta": run.beta, "extra": run.counters()}
-    models = {"policy": D.saveable(run, run.policy)}
-    if run.critic is not None:
-        states.update(run.critic.state())
-        models.update(run.critic.saved_models())
+    states.update(run.critic.state())
+    models = {"policy": D.saveable(run, run.policy), **run.critic.saved_models()}
     if run.ref is not None and run.cfg.iterative.ref_reset_steps:
         models["ref"] = run.ref
     if not run.world.main:
@@ -410,8 +404,7 @@ def _restore(run: Run, ckpt: Path):
     states, meta = load_state(ckpt)
     D.load_optimizer_state(run, states["optimizer"])
     run.scheduler.load_state_dict(states["scheduler"])
-    if run.critic is not None:
-        run.critic.load(states)
+    run.critic.load(states)
     run.prompts.load(states["prompts"])
     run.beta = states["beta"]
     run.load_counters(states.get("extra", {}))
