@@ -151,13 +151,13 @@ def unsharded(run):
     if not (run.world.multi and run.world.strategy == "fsdp"):
         yield
         return
-    run.policy.set_reshard_after_forward(False)
-    run.policy.unshard()
+    run.actor.model.set_reshard_after_forward(False)
+    run.actor.model.unshard()
     try:
         yield
     finally:
-        run.policy.reshard()
-        run.policy.set_reshard_after_forward(True)
+        run.actor.model.reshard()
+        run.actor.model.set_reshard_after_forward(True)
 
 
 def sync_grads(run):
@@ -319,18 +319,18 @@ def saveable(run, model):
 
 
 def _param_names(run) -> list[str]:
-    names = {id(p): n for n, p in run.policy.named_parameters()}
-    return [names[id(p)] for g in run.optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in run.actor.model.named_parameters()}
+    return [names[id(p)] for g in run.actor.optimizer.param_groups for p in g["params"]]
 
 
 def optimizer_state(run) -> dict:
     """The policy optimizer's state in the single-process format (ddp: replicated, as it is; fsdp:
     gathered to full tensors on rank 0's CPU and keyed by parameter index; a collective)."""
     if not (run.world.multi and run.world.strategy == "fsdp"):
-        return run.optimizer.state_dict()
+        return run.actor.optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    full = get_optimizer_state_dict(run.policy, run.optimizer,
+    full = get_optimizer_state_dict(run.actor.model, run.actor.optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     index = {n: i for i, n in enumerate(_param_names(run))}
     return {"state": {index[n]: s for n, s in full.get("state", {}).items()},
@@ -340,14 +340,14 @@ def optimizer_state(run) -> dict:
 def load_optimizer_state(run, state: dict):
     """Load a single-process-format optimizer state (from any world size); fsdp shards it."""
     if not (run.world.multi and run.world.strategy == "fsdp"):
-        run.optimizer.load_state_dict(state)
+        run.actor.optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     names = _param_names(run)
     full = {"state": {names[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(run.policy, run.optimizer, full, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(run.actor.model, run.actor.optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def can_save_alone(run) -> bool:
