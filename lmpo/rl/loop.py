@@ -84,7 +84,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
     t_start = time.perf_counter()
     mark = signum = None
     try:
-        while run.counters.step < cfg.max_steps and not (signum := stop.requested(run)):   # SIGINT / SIGTERM
+        while run.counters.step < cfg.max_steps and not (signum := stop.requested(run.world, run.device)):  # signals
             mark = step_mark(run)                                   # a failure before the update rewinds to here
             t = Timer()
             t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
             with t("weights_sync"):
                 run.rollout.engine.update_weights(run.actor.model, run.counters.step)   # free if it shares the module
             metrics = {**roll_stats, **prep_stats, **upd_stats, **step_times(t, time.perf_counter() - t0)}
-            metrics = D.reduce_metrics(run, metrics)                # over ranks (the same dict on every rank)
+            metrics = D.reduce_metrics(run.world, metrics)          # over ranks (the same dict on every rank)
             adapt_kl(run, metrics)
             iterative_reset(run, metrics)
             if cfg.eval_steps and run.counters.step % cfg.eval_steps == 0 and run.data.eval_rows:
@@ -105,7 +105,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
             monitor.watch(run, batch, metrics)                      # monitor/* signals; alarms warn or mark a stop
             log.log(run.counters.step, metrics, samples(batch, cfg.log_samples))
             save_if_due(run, monitor)
-        if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
+        if signum or (signum := stop.requested(run.world, run.device)):   # a checkpoint of the last whole step, then exit
             raise Interrupted(signum, run.counters.step, checkpoint(run) if run.counters.step else None)
     except BaseException as e:
         if mark is not None and run.counters.step > 0 and not no_space(e):  # e.g. a worker died during the rollout
@@ -123,7 +123,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
         metrics.update(evaluate_policy(run))
     if run.world.main:
         write_summary(run, metrics, time.perf_counter() - t_start)
-    D.finish(run)
+    D.finish(run.world)
     return metrics
 
 
@@ -158,7 +158,7 @@ def attach(run: Run, workers=None):
     else:
         run.rollout.engine = make_engine(run)
         if run.cfg.env.name:                                 # multi-turn episodes with an environment
-            run.rollout.engine = make_env_engine(run, run.rollout.engine)
+            run.rollout.engine = make_env_engine(run.cfg, run.algo, run.rollout.engine)
         run.rollout.engine.update_weights(run.actor.model, run.counters.step)   # resumed: from the checkpoint
         run.rollout.scorer = lambda batch, state=None: score(run.cfg, run.algo, run.rewards, batch, state, run.iterative)
 
@@ -167,7 +167,9 @@ def make_engine(run: Run) -> RolloutEngine:
     """The engine named by ``rollout.engine`` for a single-process (or torchrun) run."""
     name = run.cfg.rollout.engine
     if name == "builtin":
-        return BuiltinEngine(run.actor.model, run.actor.tokenizer, run.device, unsharded=lambda: D.unsharded(run),
+        actor = run.actor
+        return BuiltinEngine(actor.model, actor.tokenizer, run.device,
+                             unsharded=lambda: D.unsharded(actor.model, run.world),
                              weights_dtype=run.cfg.rollout.dtype)
     if name == "vllm":
         return VLLMEngine.from_config(run.cfg, run.actor.model_dir, run.actor.tokenizer)
@@ -223,7 +225,7 @@ def sample(run: Run, picked: list, round_: int = 0, step: int | None = None) -> 
     (or the worker) that draws them."""
     cfg = run.cfg
     step = run.counters.step if step is None else step
-    first, picked = D.shard(run, picked)   # this rank's contiguous groups, first's global index (one process: all, 0)
+    first, picked = D.shard(run.world, picked)     # this rank's groups, the first's global index (one process: all, 0)
     seeds = [hash((cfg.seed, step, round_, first + j)) & 0x7FFFFFFF for j in range(len(picked))]
     prompts = [render_prompt(r["prompt"], run.actor.tokenizer, i) for i, r in picked]
     return run.rollout.engine.generate(prompts, [r for _, r in picked], seeds, sampling_spec(run))
@@ -375,7 +377,7 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
                                              algo.kl_estimator)                                    # [N, T]
         stats["kl_reward"] = float(((behaviour - batch.ref_logp) * batch.mask).sum() / batch.mask.sum().clamp(min=1))
     batch.adv, batch.returns = D.global_rows(                                 # batch statistics over all ranks
-        run, lambda **rows: advantages(run, **rows), rewards=rewards, mask=batch.mask,
+        run.world, lambda **rows: advantages(run, **rows), rewards=rewards, mask=batch.mask,
         token_rewards=batch.token_rewards, values=batch.values, step_rewards=batch.step_rewards,
         step_ends=batch.step_ends)                                             # [N, T]
     stats["adv/mean"] = float((batch.adv * batch.mask).sum() / batch.mask.sum().clamp(min=1))
@@ -458,7 +460,7 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
         perm = (torch.randperm(len(batch) // G)[:, None] * G + torch.arange(G)).reshape(-1)
         for mb_idx in perm.chunk(cfg.minibatches):
             mb = batch.select(mb_idx)
-            totals = D.all_sum(run, {"global_tokens": mb.mask.sum(), "global_seqs": (mb.mask.sum(-1) > 0).sum()})
+            totals = D.all_sum(run.world, {"global_tokens": mb.mask.sum(), "global_seqs": (mb.mask.sum(-1) > 0).sum()})
             totals = {k: v.clamp(min=1) for k, v in totals.items()}     # over all ranks' minibatches
             for opt in run.optimizers:                                   # the policy's, a separate critic's
                 opt.zero_grad(set_to_none=True)
@@ -471,9 +473,9 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * len(idx) / len(mb)
             with t("optimizer"):
-                D.sync_grads(run)           # sum over ranks: each rank's loss is its share of the global loss
+                D.sync_grads(run.optimizers, run.world)   # sum over ranks: each rank's loss is its share of the global loss
                 bad = torch.tensor(float(not loss_finite), device=run.device)
-                loss_finite = float(D.all_sum(run, {"bad": bad})["bad"]) == 0     # every rank decides alike
+                loss_finite = float(D.all_sum(run.world, {"bad": bad})["bad"]) == 0     # every rank decides alike
                 norm, stepped = clip_and_step(run, loss_finite)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
             n_updates += 1
@@ -597,7 +599,7 @@ def weights_finite(run: Run, collective: bool = True) -> bool:
         local = p.to_local() if hasattr(p, "to_local") else p
         bad += (~torch.isfinite(local)).sum().double().to(bad.device)
     if collective:
-        bad = D.all_sum(run, {"bad": bad})["bad"]
+        bad = D.all_sum(run.world, {"bad": bad})["bad"]
     return float(bad) == 0
 
 
@@ -648,7 +650,7 @@ def samples(batch: RolloutBatch, k: int) -> list[dict]:
 def save_final(run: Run):
     out = Path(run.cfg.output_dir) / "final"
     model = run.actor.model.merge_and_unload() if run.cfg.lora_r else run.actor.model
-    model = D.saveable(run, model)                                  # fsdp: full weights gathered on rank 0
+    model = D.saveable(run.world, model)                            # fsdp: full weights gathered on rank 0
     if run.world.main:
         model.save_pretrained(out)
         run.actor.tokenizer.save_pretrained(out)
@@ -684,7 +686,7 @@ def evaluate_policy(run: Run) -> dict:
     sources, weights = eval_sources(run.cfg, run.rewards.sources, run.rewards.weights)
     if not sources:
         return {}
-    with D.unsharded(run):                                          # every rank evaluates the same rows
+    with D.unsharded(run.actor.model, run.world):                   # every rank evaluates the same rows
         acc = held_out_accuracy(run.actor.model, run.actor.tokenizer, run.data.eval_rows, sources, weights, run.cfg,
                                 trainer_state=reward_state(run))
     return {f"eval/{k}": v for k, v in acc.items()}

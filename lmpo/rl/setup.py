@@ -406,18 +406,20 @@ def checkpoint(run: Run, crashing: bool = False):
     """Written by rank 0 in the single-process format (any world size resumes it); every rank calls
     this (fsdp gathers weights and optimizer state), except on a crash, where only a rank that can
     save alone does."""
-    if crashing and not D.can_save_alone(run):
+    if crashing and not D.can_save_alone(run.world):
         return None
-    states = {"optimizer": D.optimizer_state(run), "scheduler": run.actor.scheduler.state_dict(),
-              "prompts": run.data.prompts.state(), "beta": run.counters.beta, "extra": run.extra_state()}
+    actor = run.actor
+    states = {"optimizer": D.optimizer_state(actor.model, actor.optimizer, run.world),
+              "scheduler": actor.scheduler.state_dict(), "prompts": run.data.prompts.state(),
+              "beta": run.counters.beta, "extra": run.extra_state()}
     states.update(run.critic.state())
-    models = {"policy": D.saveable(run, run.actor.model), **run.critic.saved_models()}
+    models = {"policy": D.saveable(run.world, actor.model), **run.critic.saved_models()}
     if run.ref is not None and run.cfg.iterative.ref_reset_steps:
         models["ref"] = run.ref
     if not run.world.main:
         return None
     return save_checkpoint(run.cfg.output_dir, run.counters.step, models=models, states=states,
-                           tokenizer=run.actor.tokenizer, meta={"config": to_dict(run.cfg), "model_dir": run.actor.model_dir})
+                           tokenizer=actor.tokenizer, meta={"config": to_dict(run.cfg), "model_dir": actor.model_dir})
 
 
 def step_mark(run: Run) -> dict:
@@ -436,7 +438,7 @@ def rewind(run: Run, mark: dict):
 
 def _restore(run: Run, ckpt: Path):
     states, meta = load_state(ckpt)
-    D.load_optimizer_state(run, states["optimizer"])
+    D.load_optimizer_state(run.actor.model, run.actor.optimizer, run.world, states["optimizer"])
     run.actor.scheduler.load_state_dict(states["scheduler"])
     run.critic.load(states)
     run.data.prompts.load(states["prompts"])
