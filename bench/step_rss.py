@@ -67,9 +67,9 @@ def main(argv=None):
         mark("collect")
         L.prepare(run, batch, t)
         L.update(run, batch, t)
-        run.step += 1
-        run.engine.update_weights(run.policy, run.step)
-        print(f"step {run.step}: " + " ".join(f"{k}={v:.2f}s" for k, v in t.items()), flush=True)
+        run.counters.step += 1
+        run.rollout.engine.update_weights(run.actor.model, run.counters.step)
+        print(f"step {run.counters.step}: " + " ".join(f"{k}={v:.2f}s" for k, v in t.items()), flush=True)
     print(f"peak RSS (getrusage) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

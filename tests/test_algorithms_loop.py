@@ -13,7 +13,9 @@ import torch
 from conftest import rl_config
 from lmpo.rollout import RolloutBatch
 from lmpo.rl import loop as rl
-from lmpo.rl.setup import resolve_algorithm
+from lmpo.parallel.torchrun import World
+from lmpo.rl.critic import NoCritic
+from lmpo.rl.setup import Counters, resolve_algorithm
 
 NAN = float("nan")
 TOL = 1e-6
@@ -43,9 +45,9 @@ def make_run(policy, ref=None, **settings):
     cfg = rl_config("unused-model", "unused-out", **settings)
     for k, v in algo_keys.items():
         setattr(cfg.algo, k, v)
-    return SimpleNamespace(cfg=cfg, algo=resolve_algorithm(cfg), beta=cfg.beta, policy=policy, ref=ref,
-                           use_ref=ref is not None, world=SimpleNamespace(multi=False, size=1, rank=0, main=True),
-                           critic=None, device=torch.device("cpu"))
+    return SimpleNamespace(cfg=cfg, algo=resolve_algorithm(cfg), counters=Counters(beta=cfg.beta),
+                           actor=SimpleNamespace(model=policy), ref=ref, use_ref=ref is not None, world=World(),
+                           critic=NoCritic(), device=torch.device("cpu"))
 
 
 def make_batch(rewards, lengths, T, sampler_logp=None):

@@ -127,7 +127,8 @@ def test_ppo_single_update_takes_old_logp_from_the_sampler(sft_dir, tmp_path, mo
 
     calls = []
     real = rl.logp_of
-    monkeypatch.setattr(rl, "logp_of", lambda run, model, batch: calls.append(model is run.policy) or real(run, model, batch))
+    monkeypatch.setattr(rl, "logp_of",
+                        lambda run, model, batch: calls.append(model is run.actor.model) or real(run, model, batch))
     cfg = rl_config(sft_dir, tmp_path / "p", algorithm="ppo", max_steps=1, beta=0.02, top_p=top_p)
     train(cfg)
     assert calls.count(True) == policy_forwards and calls.count(False) == 1    # the reference: once

@@ -129,19 +129,19 @@ def test_two_rank_checkpoint_resumes_in_one_process(single, ddp, setup_dir, tiny
 
 
 def test_one_process_hooks_are_identities():
-    run = type("R", (), {"world": D.World()})()
+    one = D.World()
     picked = [(i, {"prompt": str(i)}) for i in range(4)]
-    assert D.shard(run, picked) == (0, picked)
+    assert D.shard(one, picked) == (0, picked)
     t = {"global_tokens": torch.tensor(5.0)}
-    assert D.all_sum(run, t) is t
-    assert D.global_rows(run, lambda **kw: kw["mask"] * 2, mask=torch.ones(2, 3)).tolist() == [[2.0] * 3] * 2
-    assert D.reduce_metrics(run, {"a": 1}) == {"a": 1}
+    assert D.all_sum(one, t) is t
+    assert D.global_rows(one, lambda **kw: kw["mask"] * 2, mask=torch.ones(2, 3)).tolist() == [[2.0] * 3] * 2
+    assert D.reduce_metrics(one, {"a": 1}) == {"a": 1}
 
 
 def test_shard_takes_contiguous_groups_with_global_indices():
     picked = list(range(8))
-    assert D.shard(type("R", (), {"world": D.World(1, 2, "ddp")})(), picked) == (4, [4, 5, 6, 7])
-    assert D.shard(type("R", (), {"world": D.World(0, 4, "ddp")})(), picked) == (0, [0, 1])
+    assert D.shard(D.World(1, 2, "ddp"), picked) == (4, [4, 5, 6, 7])
+    assert D.shard(D.World(0, 4, "ddp"), picked) == (0, [0, 1])
 
 
 def test_combine_metrics():

@@ -187,11 +187,11 @@ def test_grpo_refuses_a_non_resettable_environment_unless_allowed(sft_dir, tmp_p
         start(cfg)
     cfg = rl_config(sft_dir, tmp_path / "b", **{"env.name": "addition_chain", "reward_funcs": ["env_reward"],
                                                 "algorithm": "reinforce_pp"})
-    start(cfg).close()                                    # a batch baseline: no groups, no refusal
+    start(cfg).rollout.close()                                    # a batch baseline: no groups, no refusal
     cfg = rl_config(sft_dir, tmp_path / "c", **{"env.name": "addition_chain", "reward_funcs": ["env_reward"],
                                                 "env.nonresettable_groups": "allow"})
     with pytest.warns(UserWarning, match="averages over states"):
-        start(cfg).close()
+        start(cfg).rollout.close()
 
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])

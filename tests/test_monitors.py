@@ -15,6 +15,7 @@ from conftest import read_jsonl, rl_config, rl_overrides, run_lmpo
 from lmpo.config import ConfigError, MonitorConfig, load_config
 from lmpo.rollout import RolloutBatch
 from lmpo.rl.monitors import MonitorAlarm, Monitors, distinct_fraction, group_similarity, monitor_line, probe_kl
+from lmpo.rl.setup import Counters
 from lmpo.io.checkpoint import find_checkpoint
 
 
@@ -43,7 +44,7 @@ def _batch(completions, G, lengths):
 
 class _Run:
     def __init__(self):
-        self.step, self.policy = 0, None
+        self.counters = Counters()
 
 
 def _monitor(tmp_path, **kw):
@@ -52,7 +53,7 @@ def _monitor(tmp_path, **kw):
 
 
 def _step(mon, run, batch, **metrics):
-    run.step += 1
+    run.counters.step += 1
     m = {"entropy": 0.5, "frac_zero_std_groups": 0.0, "reward/mean": 0.5, "reward/std": 0.5,
          "completion/mean_length": 3.0, "completion/truncated_frac": 0.0, **metrics}
     mon.watch(run, batch, m)

@@ -141,9 +141,9 @@ def test_non_finite_weights_are_never_saved(tiny_dir, tmp_path, monkeypatch):
 
     def poisoned(run, batch, t):
         out = real_update(run, batch, t)
-        if run.step == 1:
+        if run.counters.step == 1:
             with torch.no_grad():
-                next(run.policy.parameters()).fill_(float("nan"))
+                next(run.actor.model.parameters()).fill_(float("nan"))
         return out
 
     monkeypatch.setattr(rl, "update", poisoned)

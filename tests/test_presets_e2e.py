@@ -79,11 +79,11 @@ def test_keep_sampling_mask_makes_old_and_new_logp_agree(sft_dir, tmp_path):
     run = start(cfg)
     batch, _ = rl.collect(run, rl.Timer())
     assert batch.keep_mask is not None and int(batch.keep_mask[batch.mask > 0].sum(-1).max()) <= 3
-    logp = rl.logp_of(run, run.policy, batch)
+    logp = rl.logp_of(run, run.actor.model, batch)
     real = batch.mask > 0
     assert torch.allclose(logp[real], batch.sampler_logp[real], atol=1e-5)
     run.algo = dataclasses.replace(run.algo, keep_sampling_mask=False)  # full-vocabulary log-probs differ from the kept-support ones
-    full = rl.logp_of(run, run.policy, batch)
+    full = rl.logp_of(run, run.actor.model, batch)
     assert (full[real] <= batch.sampler_logp[real] + 1e-6).all() and not torch.allclose(full[real], batch.sampler_logp[real])
 
 
@@ -95,22 +95,22 @@ def test_sampler_logp_is_of_the_distribution_sampled_from(sft_dir, tmp_path):
     from lmpo.rl import loop as rl
 
     run = start(rl_config(sft_dir, tmp_path / "s", top_k=3))
-    kept, position = {}, run.prompts.state()
+    kept, position = {}, run.data.prompts.state()
     for keep in (False, True):
         run.algo = dataclasses.replace(run.algo, keep_sampling_mask=keep)
-        run.prompts.load(position)
+        run.data.prompts.load(position)
         kept[keep], _ = rl.collect(run, rl.Timer())               # same prompts, step and seeds: the same tokens
     plain, support = kept[False], kept[True]
     assert torch.equal(plain.completion_ids, support.completion_ids)
     real = plain.mask > 0
     assert torch.equal(plain.sampler_logp[real], support.sampler_logp[real])
     run.algo = dataclasses.replace(run.algo, keep_sampling_mask=False)
-    full = rl.logp_of(run, run.policy, plain)
+    full = rl.logp_of(run, run.actor.model, plain)
     assert (full[real] <= plain.sampler_logp[real] + 1e-6).all() and not torch.allclose(full[real], plain.sampler_logp[real])
     run.cfg.top_k = 0
     untruncated, _ = rl.collect(run, rl.Timer())
     real = untruncated.mask > 0
-    torch.testing.assert_close(rl.logp_of(run, run.policy, untruncated)[real], untruncated.sampler_logp[real],
+    torch.testing.assert_close(rl.logp_of(run, run.actor.model, untruncated)[real], untruncated.sampler_logp[real],
                                atol=1e-5, rtol=0)
 
 
@@ -141,10 +141,10 @@ def test_process_supervision_step(sft_dir, tmp_path):
                     want[i, t] += (r - mean) / (std + 1e-4)
     assert want.abs().sum() > 0                                  # the steps carry a signal
     torch.testing.assert_close(batch.adv.double(), want, atol=1e-5, rtol=0)
-    before = [p.detach().clone() for p in run.policy.parameters()]
+    before = [p.detach().clone() for p in run.actor.model.parameters()]
     stats = rl.update(run, batch, rl.Timer())
     assert stats["train/skipped_steps"] == 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.actor.model.parameters()))
 
 
 def test_iterative_grpo_resets_the_reference(sft_dir, tmp_path):
@@ -157,11 +157,11 @@ def test_iterative_grpo_resets_the_reference(sft_dir, tmp_path):
     batch, _ = rl.collect(run, t)
     rl.prepare(run, batch)
     stats = rl.update(run, batch, t)
-    run.step = 1
+    run.counters.step = 1
     metrics = dict(stats)
     rl.iterative_reset(run, metrics)
     assert metrics["iterative/reset"] == 1
-    for p, q in zip(run.policy.parameters(), run.ref.parameters()):
+    for p, q in zip(run.actor.model.parameters(), run.ref.parameters()):
         assert torch.equal(p, q)
 
 
@@ -188,15 +188,15 @@ def test_keep_routing_on_a_tiny_moe(tmp_path):
     assert batch.routing is not None and len(batch.routing) == 2
     n, width = len(batch), batch.prompt_ids.shape[1] + batch.completion_ids.shape[1]
     assert batch.routing[0].shape[:2] == (n, width)
-    logp = rl.logp_of(run, run.policy, batch)           # replayed routing: same experts as sampling
+    logp = rl.logp_of(run, run.actor.model, batch)           # replayed routing: same experts as sampling
     real = batch.mask > 0
     assert torch.allclose(logp[real], batch.sampler_logp[real], atol=1e-5)
     batch.rewards = torch.arange(float(n))             # distinct rewards: a random model earns none by itself
     rl.prepare(run, batch)
-    before = [p.detach().clone() for p in run.policy.parameters()]
+    before = [p.detach().clone() for p in run.actor.model.parameters()]
     stats = rl.update(run, batch, rl.Timer())
     assert stats["train/skipped_steps"] == 0 and stats["grad_norm"] > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, run.policy.parameters()))  # replayed routing trains
+    assert any(not torch.equal(a, b) for a, b in zip(before, run.actor.model.parameters()))  # replayed routing trains
 
 
 def test_iterative_grpo_retrains_the_reward_model(sft_dir, tmp_path):

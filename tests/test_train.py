@@ -223,4 +223,4 @@ def test_padding_free_and_fused_adamw_take_the_default_step(sft_dir, tmp_path):
     w0, wb = _weights(_load(sft_dir)), _weights(_load(tmp_path / "fast" / "final"))
     assert a["reward/std"] > 0 and a["completion/truncated_frac"] < 1                   # advantages, and padding
     assert any(not torch.equal(wb[k], w0[k]) for k in wb)                    # the fast step moved the weights
-    assert start(rl_config(sft_dir, tmp_path / "x", fused_adamw=True)).optimizer.defaults["fused"] is True
+    assert start(rl_config(sft_dir, tmp_path / "x", fused_adamw=True)).actor.optimizer.defaults["fused"] is True

@@ -39,7 +39,7 @@ class Interrupted(KeyboardInterrupt):
 
 class StopSignals:
     """While active (in the main thread), SIGINT and SIGTERM set ``signum`` instead of raising;
-    ``requested(run)`` is the signal every rank agrees on (one all-reduce per step with several).
+    ``requested(world, device)`` is the signal every rank agrees on (one all-reduce per step with several).
     ``ray_learner``: the loop runs in the Ray learner actor, which shares the driver's terminal, so
     only the SIGTERM the driver forwards counts."""
 
@@ -66,8 +66,8 @@ class StopSignals:
         print(f"\nlmpo: {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
               "(send it again to stop at once).", file=sys.stderr, flush=True)
 
-    def requested(self, run) -> int | None:
-        if not run.world.multi:
+    def requested(self, world: D.World, device) -> int | None:
+        if not world.multi:
             return self.signum
-        got = D.all_sum(run, {s: torch.tensor(float(self.signum == s), device=run.device) for s in self.SIGNALS})
+        got = D.all_sum(world, {s: torch.tensor(float(self.signum == s), device=device) for s in self.SIGNALS})
         return next((int(s) for s in reversed(self.SIGNALS) if got[s] > 0), None)     # SIGTERM first

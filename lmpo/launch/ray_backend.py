@@ -5,8 +5,8 @@ Ray actors, in one placement group with an explicit bundle per actor:
     bundles 1 … R       rollout workers   each a copy of the policy and the built-in engine
     bundles R+1 … R+W   reward workers    the reward sources (functions, reward model, URL)
 
-The loop is unchanged: the learner's ``run.engine`` is a ``RolloutPool`` (the engine interface of
-``lmpo.rollout.engine``, spread over the rollout workers) and its ``run.scorer`` a ``RewardPool``.
+The loop is unchanged: the learner's ``run.rollout.engine`` is a ``RolloutPool`` (the engine interface of
+``lmpo.rollout.engine``, spread over the rollout workers) and its ``run.rollout.scorer`` a ``RewardPool``.
 
 * Synchronous (``max_staleness: 0``): each step the learner's weights go to every rollout worker
   (one ``ray.put``), the step's groups are split over the workers, then scored by the reward
@@ -291,10 +291,10 @@ class RolloutPool:
         self.ray, self.cfg, self.weights, self.version, self.lock = ray, cfg, None, -1, threading.Condition()
         self.device = run.device
         self.workers = _Workers("rollout", RolloutWorker, cfg.distributed.rollout_workers, 1, cfg,
-                                (run.model_dir, run.tokenizer, 1, cfg.distributed.ray_rollout_gpus > 0),
+                                (run.actor.model_dir, run.actor.tokenizer, 1, cfg.distributed.ray_rollout_gpus > 0),
                                 on_restart=self._forget, gpus=cfg.distributed.ray_rollout_gpus, pg=pg)
         self.sent = [-1] * len(self.workers.actors)              # weights version each worker holds
-        self.update_weights(run.policy, run.step)
+        self.update_weights(run.actor.model, run.counters.step)
 
     def update_weights(self, model, version: int):
         """Snapshot the learner's weights into the object store (in the learner's thread, so a
@@ -339,7 +339,7 @@ class RolloutPool:
 
 
 class RewardPool:
-    """``run.scorer`` over W reward workers: a batch's groups are split into W parts."""
+    """``run.rollout.scorer`` over W reward workers: a batch's groups are split into W parts."""
 
     def __init__(self, run, pg=None):
         self.run = run
@@ -351,7 +351,7 @@ class RewardPool:
         parts = [p.reshape(-1) for p in rows_by_group.tensor_split(len(self.workers.actors)) if len(p)]
         outs = self.workers.map([lambda i=i, rows=rows: self.workers.call(i, "score", batch.select(rows).to("cpu"), state)
                                  for i, rows in enumerate(parts)])
-        restarts = {"ray/worker_restarts": sum(self.workers.restarts) + sum(self.run.engine.workers.restarts)}
+        restarts = {"ray/worker_restarts": sum(self.workers.restarts) + sum(self.run.rollout.engine.workers.restarts)}
         dev = batch.mask.device
         outs = [{k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in o.items()} for o in outs]
         parts_b = []
@@ -392,7 +392,7 @@ class Prefetch:
 
         def work(step: int):
             while not self.stop.is_set() and step < run.cfg.max_steps:
-                run.engine.wait_version(step - self.K, self.stop)
+                run.rollout.engine.wait_version(step - self.K, self.stop)
                 if self.stop.is_set():
                     return
                 try:
@@ -405,7 +405,7 @@ class Prefetch:
                     return
                 step += 1
 
-        self.thread = threading.Thread(target=work, args=(run.step,), daemon=True, name="lmpo-prefetch")
+        self.thread = threading.Thread(target=work, args=(run.counters.step,), daemon=True, name="lmpo-prefetch")
         self.thread.start()
 
     def next(self, t) -> tuple:
@@ -419,9 +419,10 @@ class Prefetch:
         if isinstance(item, BaseException):
             raise item
         step, batch, stats, collect_s = item
-        if step != self.run.step:
-            raise WorkerError(f"asynchronous collection is out of order: got step {step}, the learner is at {self.run.step}.")
-        lag = self.run.step - batch.policy_version.float()
+        if step != self.run.counters.step:
+            raise WorkerError(f"asynchronous collection is out of order: got step {step}, the learner is at "
+                              f"{self.run.counters.step}.")
+        lag = self.run.counters.step - batch.policy_version.float()
         stats["async/staleness_mean"] = float(lag.mean())
         stats["async/staleness_max"] = float(lag.max())
         stats["async/collect_s"] = collect_s
@@ -436,16 +437,17 @@ class Prefetch:
 
 def attach_workers(run, pg=None):
     """In the learner: rollout and reward worker pools (their actors in placement group ``pg``), and
-    the asynchronous collector when ``max_staleness`` > 0. Their actors are stopped by ``run.close()``."""
-    run.engine = RolloutPool(run, pg)
-    run.closers.append(run.engine.close)
-    run.scorer = RewardPool(run, pg)
-    run.closers.append(run.scorer.close)
+    the asynchronous collector when ``max_staleness`` > 0. Their actors are stopped by ``run.rollout.close()``."""
+    run.rollout.engine = RolloutPool(run, pg)
+    run.rollout.closers.append(run.rollout.engine.close)
+    run.rollout.scorer = RewardPool(run, pg)
+    run.rollout.closers.append(run.rollout.scorer.close)
     if run.cfg.distributed.max_staleness > 0:
-        run.prefetch = Prefetch(run, run.cfg.distributed.max_staleness)
-        run.closers.append(run.prefetch.close)
+        run.rollout.prefetch = Prefetch(run, run.cfg.distributed.max_staleness)
+        run.rollout.closers.append(run.rollout.prefetch.close)
     if run.world.main:                            # who is who, for operators (and the worker-kill test)
         out = Path(run.cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "ray_workers.json").write_text(json.dumps({
-            "learner": os.getpid(), "rollout": run.engine.workers.pids, "reward": run.scorer.workers.pids}))
+            "learner": os.getpid(), "rollout": run.rollout.engine.workers.pids,
+            "reward": run.rollout.scorer.workers.pids}))

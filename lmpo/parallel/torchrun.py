@@ -64,6 +64,11 @@ class World:
     def multi(self) -> bool:
         return self.size > 1
 
+    @property
+    def fsdp(self) -> bool:
+        """Parameters, gradients and optimizer state are sharded over the ranks."""
+        return self.multi and self.strategy == "fsdp"
+
 
 # ----------------------------------------------------------------------------- start and stop
 
@@ -97,9 +102,9 @@ def init(cfg) -> World:
     return World(dist.get_rank(), dist.get_world_size(), strategy)
 
 
-def finish(run):
+def finish(world: World):
     """Wait for every rank (rank 0 may still be writing) and leave the process group."""
-    if run.world.multi:
+    if world.multi:
         import torch.distributed as dist
 
         dist.barrier()
@@ -145,31 +150,31 @@ def prepare_model(model, world: World, trainable: bool = True):
 
 
 @contextmanager
-def unsharded(run):
+def unsharded(model, world: World):
     """fsdp: gather the policy's parameters once for sampling / evaluation (ranks run different
     numbers of forwards there) and shard them again after. A no-op otherwise."""
-    if not (run.world.multi and run.world.strategy == "fsdp"):
+    if not world.fsdp:
         yield
         return
-    run.policy.set_reshard_after_forward(False)
-    run.policy.unshard()
+    model.set_reshard_after_forward(False)
+    model.unshard()
     try:
         yield
     finally:
-        run.policy.reshard()
-        run.policy.set_reshard_after_forward(True)
+        model.reshard()
+        model.set_reshard_after_forward(True)
 
 
-def sync_grads(run):
-    """Sum gradients over ranks (ddp: all trained parameters; fsdp: FSDP already reduce-scattered the
-    sharded ones). Called once per optimizer step, after micro-batch accumulation."""
-    if not run.world.multi:
+def sync_grads(optimizers: list, world: World):
+    """Sum the gradients of the parameters the ``optimizers`` step (the policy's, a separate critic's)
+    over ranks (ddp: all of them; fsdp: FSDP already reduce-scattered the sharded ones). Called once
+    per optimizer step, after micro-batch accumulation."""
+    if not world.multi:
         return
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    opts = run.optimizers                                   # the policy's, a separate critic's
-    params = [p for o in opts for g in o.param_groups for p in g["params"]]
+    params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
     grads = [p.grad for p in params if p.grad is not None and not isinstance(p.grad, DTensor)]
     for bucket in _buckets(grads, 2**25):
         flat = torch.cat([g.reshape(-1) for g in bucket])
@@ -193,18 +198,17 @@ def _buckets(tensors, max_bytes):
 # ----------------------------------------------------------------------------- data
 
 
-def shard(run, picked: list) -> tuple[int, list]:
+def shard(w: World, picked: list) -> tuple[int, list]:
     """This rank's contiguous slice of a step's groups and the global index of its first group."""
-    w = run.world
     if not w.multi:
         return 0, picked
     per = len(picked) // w.size
     return w.rank * per, picked[w.rank * per:(w.rank + 1) * per]
 
 
-def all_sum(run, values: dict) -> dict:
+def all_sum(world: World, values: dict) -> dict:
     """Tensors summed over ranks (one all-reduce)."""
-    if not run.world.multi:
+    if not world.multi:
         return values
     import torch.distributed as dist
 
@@ -216,24 +220,24 @@ def all_sum(run, values: dict) -> dict:
     return {k: flat[i].to(values[k].dtype if torch.is_tensor(values[k]) else torch.float64) for i, k in enumerate(keys)}
 
 
-def global_rows(run, fn, **rows):
+def global_rows(world: World, fn, **rows):
     """``fn(**rows)`` computed on the global batch: each ``rows`` tensor ([n, ...], this rank's rows;
     None passes through) is gathered from all ranks (padded to the widest), ``fn`` runs on the
     concatenation, and this rank's rows of each output tensor ([N, T] or None) come back, cut to
     this rank's widths. One process: ``fn(**rows)``."""
-    if not run.world.multi:
+    if not world.multi:
         return fn(**rows)
     import torch.distributed as dist
 
     local = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in rows.items()}
-    parts: list = [None] * run.world.size
+    parts: list = [None] * world.size
     dist.all_gather_object(parts, local)
     full = {k: (None if v is None else cat_padded([p[k] for p in parts], k))
             for k, v in local.items()}
     device = rows["mask"].device
     outs = fn(**{k: (v.to(device) if v is not None else None) for k, v in full.items()})
     sizes = [p["mask"].shape[0] for p in parts]
-    start, n, width = sum(sizes[: run.world.rank]), sizes[run.world.rank], rows["mask"].shape[-1]
+    start, n, width = sum(sizes[: world.rank]), sizes[world.rank], rows["mask"].shape[-1]
 
     def mine(t):
         if t is None:
@@ -247,15 +251,15 @@ def global_rows(run, fn, **rows):
 # ----------------------------------------------------------------------------- metrics
 
 
-def reduce_metrics(run, metrics: dict) -> dict:
+def reduce_metrics(world: World, metrics: dict) -> dict:
     """Combine every rank's metrics into one dict, the same on all ranks: losses (each rank holds its
     share of the global loss) and counts are summed, ``*_max`` / ``*_min`` kept, ``time/*`` the
     slowest rank's, everything else averaged (every rank holds the same number of samples)."""
-    if not run.world.multi:
+    if not world.multi:
         return metrics
     import torch.distributed as dist
 
-    parts: list = [None] * run.world.size
+    parts: list = [None] * world.size
     dist.all_gather_object(parts, metrics)
     return combine_metrics(parts)
 
@@ -305,10 +309,10 @@ class _FullWeights:
         save_pretrained_as_hf(self.model, path, self.state_dict)
 
 
-def saveable(run, model):
+def saveable(world: World, model):
     """What rank 0 can ``save_pretrained``: the model itself, or under fsdp its full weights gathered
     to rank 0's CPU (a collective: every rank calls this)."""
-    if model is None or not (run.world.multi and run.world.strategy == "fsdp"):
+    if model is None or not world.fsdp:
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -318,38 +322,37 @@ def saveable(run, model):
     return _FullWeights(model, {k: v for k, v in sd.items() if k not in tied})   # tied copies: saved once, as HF does
 
 
-def _param_names(run) -> list[str]:
-    names = {id(p): n for n, p in run.policy.named_parameters()}
-    return [names[id(p)] for g in run.optimizer.param_groups for p in g["params"]]
+def _param_names(model, optimizer) -> list[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def optimizer_state(run) -> dict:
-    """The policy optimizer's state in the single-process format (ddp: replicated, as it is; fsdp:
-    gathered to full tensors on rank 0's CPU and keyed by parameter index; a collective)."""
-    if not (run.world.multi and run.world.strategy == "fsdp"):
-        return run.optimizer.state_dict()
+def optimizer_state(model, optimizer, world: World) -> dict:
+    """The state of ``model``'s optimizer in the single-process format (ddp: replicated, as it is;
+    fsdp: gathered to full tensors on rank 0's CPU and keyed by parameter index; a collective)."""
+    if not world.fsdp:
+        return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    full = get_optimizer_state_dict(run.policy, run.optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    index = {n: i for i, n in enumerate(_param_names(run))}
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
     return {"state": {index[n]: s for n, s in full.get("state", {}).items()},
             "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full.get("param_groups", [])]}
 
 
-def load_optimizer_state(run, state: dict):
+def load_optimizer_state(model, optimizer, world: World, state: dict):
     """Load a single-process-format optimizer state (from any world size); fsdp shards it."""
-    if not (run.world.multi and run.world.strategy == "fsdp"):
-        run.optimizer.load_state_dict(state)
+    if not world.fsdp:
+        optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = _param_names(run)
+    names = _param_names(model, optimizer)
     full = {"state": {names[i]: s for i, s in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
-    set_optimizer_state_dict(run.policy, run.optimizer, full, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
-def can_save_alone(run) -> bool:
+def can_save_alone(world: World) -> bool:
     """Whether rank 0 can write a checkpoint without the other ranks (not under fsdp), e.g. on a crash."""
-    return not (run.world.multi and run.world.strategy == "fsdp")
+    return not world.fsdp

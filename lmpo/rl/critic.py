@@ -5,7 +5,8 @@ its checkpoint state, for either kind (``ppo.critic``):
 - ``shared``: a scalar head on the policy's last hidden states, trained by the policy's optimizer
   (its parameters sit in the policy's parameter group, so the policy's gradient clipping covers it).
 
-The loop holds ``run.critic: Critic | None`` and asks nothing about its kind.
+The loop holds ``run.critic``, a ``Critic`` or, without one, a ``NoCritic`` with the same interface
+that does nothing, and asks nothing: neither whether there is a critic nor which kind.
 """
 
 from __future__ import annotations
@@ -107,18 +108,54 @@ class Critic:
     def parameters(self):
         return self.model.parameters()
 
-    def state_bytes(self) -> dict | None:
-        """The separate model's bytes (parameters, gradients, optimizer state) for summary.json; None
-        when shared (the head is counted with the policy's optimizer)."""
-        return None if self.shared else param_bytes(self.model, self.optimizer)
+    def shared_parameters(self) -> list:
+        """What the policy's optimizer trains besides the policy (and clips with it): the shared head."""
+        return list(self.model.parameters()) if self.shared else []
+
+    def state_bytes(self) -> dict:
+        """{"critic": bytes} of the separate model (parameters, gradients, optimizer state) for
+        summary.json; none when shared (the head is counted with the policy's optimizer)."""
+        return {} if self.shared else {"critic": param_bytes(self.model, self.optimizer)}
+
+
+class NoCritic:
+    """No critic (GRPO and every critic-free estimator): the ``Critic`` interface, doing nothing."""
+
+    def fill_values(self, policy, batch, temperature: float, keep_graph: bool = False):
+        pass                                    # batch.values stays None
+
+    def add_value_loss(self, mb, totals: dict, objective) -> tuple[torch.Tensor, dict]:
+        loss, stats, _ = objective(None)        # the policy's objective alone
+        return loss, stats
+
+    def optimizers(self) -> list:
+        return []
+
+    def saved_models(self) -> dict:
+        return {}
+
+    def state(self) -> dict:
+        return {}
+
+    def load(self, states: dict):
+        pass
+
+    def parameters(self):
+        return iter(())
+
+    def shared_parameters(self) -> list:
+        return []
+
+    def state_bytes(self) -> dict:
+        return {}
 
 
 def make_critic(cfg, kind: str | None, policy, model_dir: str, tokenizer, device, world, ckpt: Path | None):
-    """The critic ``ppo.critic`` asks for (None for none): a separate value model, resumed from the
-    checkpoint, started from the policy (``ppo.critic_init: policy``) or from a reward model; or a
+    """The critic ``ppo.critic`` asks for (``NoCritic`` for none): a separate value model, resumed from
+    the checkpoint, started from the policy (``ppo.critic_init: policy``) or from a reward model; or a
     value head on the policy."""
     if kind is None:
-        return None
+        return NoCritic()
     common = dict(vf_coef=cfg.ppo.vf_coef, value_clip=cfg.ppo.value_clip, bf16=cfg.dtype == "bfloat16")
     if kind == "shared":
         head = D.prepare_model(ValueHead(policy.config.hidden_size).to(device), world)

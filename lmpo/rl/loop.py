@@ -84,7 +84,7 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
     t_start = time.perf_counter()
     mark = signum = None
     try:
-        while run.step < cfg.max_steps and not (signum := stop.requested(run)):   # SIGINT / SIGTERM: between steps
+        while run.counters.step < cfg.max_steps and not (signum := stop.requested(run.world, run.device)):  # signals
             mark = step_mark(run)                                   # a failure before the update rewinds to here
             t = Timer()
             t0 = time.perf_counter()
@@ -93,37 +93,37 @@ def loop(cfg: Config, resume: bool, stop: StopSignals, workers=None) -> dict:
                 prep_stats = prepare(run, batch, t)                 # old/ref log-probs, values, advantages
             mark = None                                             # the update changes the weights: no way back
             upd_stats = update(run, batch, t)                       # μ epochs × minibatches
-            run.step += 1
+            run.counters.step += 1
             with t("weights_sync"):
-                run.engine.update_weights(run.policy, run.step)      # free when the engine shares the module
+                run.rollout.engine.update_weights(run.actor.model, run.counters.step)   # free if it shares the module
             metrics = {**roll_stats, **prep_stats, **upd_stats, **step_times(t, time.perf_counter() - t0)}
-            metrics = D.reduce_metrics(run, metrics)                # over ranks (the same dict on every rank)
+            metrics = D.reduce_metrics(run.world, metrics)          # over ranks (the same dict on every rank)
             adapt_kl(run, metrics)
             iterative_reset(run, metrics)
-            if cfg.eval_steps and run.step % cfg.eval_steps == 0 and run.eval_rows:
+            if cfg.eval_steps and run.counters.step % cfg.eval_steps == 0 and run.data.eval_rows:
                 metrics.update(evaluate_policy(run))
             monitor.watch(run, batch, metrics)                      # monitor/* signals; alarms warn or mark a stop
-            log.log(run.step, metrics, samples(batch, cfg.log_samples))
+            log.log(run.counters.step, metrics, samples(batch, cfg.log_samples))
             save_if_due(run, monitor)
-        if signum or (signum := stop.requested(run)):               # a checkpoint of the last whole step, then exit
-            raise Interrupted(signum, run.step, checkpoint(run) if run.step else None)
+        if signum or (signum := stop.requested(run.world, run.device)):   # a checkpoint of the last whole step, then exit
+            raise Interrupted(signum, run.counters.step, checkpoint(run) if run.counters.step else None)
     except BaseException as e:
-        if mark is not None and run.step > 0 and not no_space(e):  # e.g. a worker died during the rollout
+        if mark is not None and run.counters.step > 0 and not no_space(e):  # e.g. a worker died during the rollout
             rewind(run, mark)
             checkpoint(run, crashing=True)                          # the last whole step: resumes to the same run
-        elif isinstance(e, DivergedError) and run.step > 0 and weights_finite(run, collective=False):
+        elif isinstance(e, DivergedError) and run.counters.step > 0 and weights_finite(run, collective=False):
             checkpoint(run, crashing=True)                          # the skipped steps left the last good weights
         raise
     finally:
         log.close()
-        run.close()
+        run.rollout.close()
     check_finite_weights(run)
     save_final(run)
-    if run.eval_rows and "eval/greedy_accuracy" not in metrics:     # not when the last step just evaluated
+    if run.data.eval_rows and "eval/greedy_accuracy" not in metrics:     # not when the last step just evaluated
         metrics.update(evaluate_policy(run))
     if run.world.main:
         write_summary(run, metrics, time.perf_counter() - t_start)
-    D.finish(run)
+    D.finish(run.world)
     return metrics
 
 
@@ -134,14 +134,14 @@ def open_log(run: Run):
         return D.NullLog()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    return MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.step,
+    return MetricsLogger(out, cfg.tensorboard, cfg.progress, total=cfg.max_steps, initial=run.counters.step,
                          desc=cfg.algorithm, report_to=cfg.report_to, config=to_dict(cfg))
 
 
 def save_if_due(run: Run, monitor):
     """A checkpoint every ``save_steps`` and at the last step, and when a monitor alarm with
     ``monitor.action=stop`` is pending: the whole step is saved, then the alarm stops the run (exit 2)."""
-    if run.step % run.cfg.save_steps == 0 or run.step == run.cfg.max_steps or monitor.pending:
+    if run.counters.step % run.cfg.save_steps == 0 or run.counters.step == run.cfg.max_steps or monitor.pending:
         check_finite_weights(run)
         checkpoint(run)
     monitor.enforce()
@@ -156,21 +156,23 @@ def attach(run: Run, workers=None):
     if workers is not None:
         workers(run)
     else:
-        run.engine = make_engine(run)
+        run.rollout.engine = make_engine(run)
         if run.cfg.env.name:                                 # multi-turn episodes with an environment
-            run.engine = make_env_engine(run, run.engine)
-        run.engine.update_weights(run.policy, run.step)      # resumed runs: the engine starts from the checkpoint
-        run.scorer = lambda batch, state=None: score(run.cfg, run.algo, run.rewards, batch, state, run.iterative)
+            run.rollout.engine = make_env_engine(run.cfg, run.algo, run.rollout.engine)
+        run.rollout.engine.update_weights(run.actor.model, run.counters.step)   # resumed: from the checkpoint
+        run.rollout.scorer = lambda batch, state=None: score(run.cfg, run.algo, run.rewards, batch, state, run.iterative)
 
 
 def make_engine(run: Run) -> RolloutEngine:
     """The engine named by ``rollout.engine`` for a single-process (or torchrun) run."""
     name = run.cfg.rollout.engine
     if name == "builtin":
-        return BuiltinEngine(run.policy, run.tokenizer, run.device, unsharded=lambda: D.unsharded(run),
+        actor = run.actor
+        return BuiltinEngine(actor.model, actor.tokenizer, run.device,
+                             unsharded=lambda: D.unsharded(actor.model, run.world),
                              weights_dtype=run.cfg.rollout.dtype)
     if name == "vllm":
-        return VLLMEngine.from_config(run.cfg, run.model_dir, run.tokenizer)
+        return VLLMEngine.from_config(run.cfg, run.actor.model_dir, run.actor.tokenizer)
     raise ConfigError(f"config key 'rollout.engine': unknown engine '{name}' (choose builtin or vllm).")
 
 
@@ -179,18 +181,18 @@ def collect(run: Run, t: Timer, step: int | None = None) -> tuple[RolloutBatch, 
     (DAPO), groups whose rewards are all equal are dropped and more prompts are sampled, for at most
     ``algo.max_extra_rounds`` extra rounds; the batch is then topped up with dropped groups.
     Asynchronous runs (Ray, ``distributed.max_staleness`` > 0) call this ahead of the learner, in the
-    background, for a later ``step``; the loop then takes the finished batch from ``run.prefetch``."""
-    if run.prefetch is not None and step is None:
-        return run.prefetch.next(t)
+    background, for a later ``step``; the loop then takes the finished batch from ``run.rollout.prefetch``."""
+    if run.rollout.prefetch is not None and step is None:
+        return run.rollout.prefetch.next(t)
     cfg, algo = run.cfg, run.algo
     kept, dropped, rounds, zero_std, n_groups, stats = [], [], 0, 0, 0, []
     need, state = cfg.prompts_per_step, reward_state(run, step)      # the trainer_state reward functions get
     while True:
         with t("rollout"):
-            batch = sample(run, run.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size),
-                           rounds, step)
+            picked = run.data.prompts.take(need if not kept else need - sum(len(b) for b in kept) // cfg.group_size)
+            batch = sample(run, picked, rounds, step)
         with t("reward"):
-            stats.append(run.scorer(batch, state))
+            stats.append(run.rollout.scorer(batch, state))
         flat = A.zero_std_groups(torch.nan_to_num(batch.rewards, nan=0.0), cfg.group_size)        # [B]
         zero_std += int(flat.sum())
         n_groups += flat.numel()
@@ -222,25 +224,25 @@ def sample(run: Run, picked: list, round_: int = 0, step: int | None = None) -> 
     draws from its own seeded stream, so samples do not depend on batch composition or on the rank
     (or the worker) that draws them."""
     cfg = run.cfg
-    step = run.step if step is None else step
-    first, picked = D.shard(run, picked)   # this rank's contiguous groups, first's global index (one process: all, 0)
+    step = run.counters.step if step is None else step
+    first, picked = D.shard(run.world, picked)     # this rank's groups, the first's global index (one process: all, 0)
     seeds = [hash((cfg.seed, step, round_, first + j)) & 0x7FFFFFFF for j in range(len(picked))]
-    prompts = [render_prompt(r["prompt"], run.tokenizer, i) for i, r in picked]
-    return run.engine.generate(prompts, [r for _, r in picked], seeds, sampling_spec(run))
+    prompts = [render_prompt(r["prompt"], run.actor.tokenizer, i) for i, r in picked]
+    return run.rollout.engine.generate(prompts, [r for _, r in picked], seeds, sampling_spec(run))
 
 
 def sampling_spec(run: Run) -> SamplingSpec:
     cfg = run.cfg
     return SamplingSpec(group_size=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                         top_p=cfg.top_p, top_k=cfg.top_k, keep_support=run.algo.keep_sampling_mask,
-                        keep_routing=run.algo.keep_routing, max_prompt_len=run.max_prompt_len, dtype=cfg.dtype)
+                        keep_routing=run.algo.keep_routing, max_prompt_len=run.data.max_prompt_len, dtype=cfg.dtype)
 
 
 def reward_state(run: Run, step: int | None = None):
     """The ``trainer_state`` reward functions get: steps done before this one, max_steps, and the
     passes over the prompt dataset before this step's prompts."""
-    stream = run.prompts
-    return TrainerState(global_step=run.step if step is None else step, max_steps=run.cfg.max_steps,
+    stream = run.data.prompts
+    return TrainerState(global_step=run.counters.step if step is None else step, max_steps=run.cfg.max_steps,
                         epoch=stream.epoch + stream.pos / max(1, len(stream.rows)))
 
 
@@ -355,15 +357,15 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
     rewards = torch.where(batch.valid, batch.rewards, torch.full_like(batch.rewards, float("nan")))  # NaN: in no statistic
     with t("prepare/old_logp"):
         if old_logp_mode(run) == "recompute":
-            batch.old_logp = logp_of(run, run.policy, batch)
+            batch.old_logp = logp_of(run, run.actor.model, batch)
         elif old_logp_mode(run) == "sampler":
             batch.old_logp = batch.sampler_logp
     with t("prepare/ref"):
         if run.use_ref:
             batch.ref_logp = ref_logp_of(run, batch)
     with t("prepare/values"):
-        if run.critic is not None:                         # V(s_t) [N, T] before the update
-            run.critic.fill_values(run.policy, batch, cfg.temperature, keep_graph=one_update_pass(run, batch))
+        run.critic.fill_values(run.actor.model, batch, cfg.temperature,              # V(s_t) [N, T], none without
+                               keep_graph=one_update_pass(run, batch))
     stats = {}
     if batch.turn_rewards is not None and algo.advantage in ("gae", "reinforce_pp"):   # turn rewards where earned
         w = sum(wt for (name, _), wt in zip(run.rewards.sources, run.rewards.weights) if name == "env_reward")
@@ -371,11 +373,11 @@ def prepare(run: Run, batch: RolloutBatch, t: Timer | None = None) -> dict:
     if algo.kl_placement == "reward" and batch.ref_logp is not None:
         behaviour = batch.old_logp if batch.old_logp is not None else batch.sampler_logp
         scores = rewards if batch.token_rewards is None else batch.token_rewards
-        batch.token_rewards = A.kl_in_reward(scores, behaviour, batch.ref_logp, batch.mask, run.beta,
+        batch.token_rewards = A.kl_in_reward(scores, behaviour, batch.ref_logp, batch.mask, run.counters.beta,
                                              algo.kl_estimator)                                    # [N, T]
         stats["kl_reward"] = float(((behaviour - batch.ref_logp) * batch.mask).sum() / batch.mask.sum().clamp(min=1))
     batch.adv, batch.returns = D.global_rows(                                 # batch statistics over all ranks
-        run, lambda **rows: advantages(run, **rows), rewards=rewards, mask=batch.mask,
+        run.world, lambda **rows: advantages(run, **rows), rewards=rewards, mask=batch.mask,
         token_rewards=batch.token_rewards, values=batch.values, step_rewards=batch.step_rewards,
         step_ends=batch.step_ends)                                             # [N, T]
     stats["adv/mean"] = float((batch.adv * batch.mask).sum() / batch.mask.sum().clamp(min=1))
@@ -431,8 +433,8 @@ def logp_of(run: Run, model, batch: RolloutBatch) -> torch.Tensor:
 def ref_logp_of(run: Run, batch: RolloutBatch) -> torch.Tensor:
     if run.ref is not None:
         return logp_of(run, run.ref, batch)
-    with run.policy.disable_adapter():  # LoRA: the reference is the base model
-        return logp_of(run, run.policy, batch)
+    with run.actor.model.disable_adapter():  # LoRA: the reference is the base model
+        return logp_of(run, run.actor.model, batch)
 
 
 def autocast(run: Run):
@@ -458,7 +460,7 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
         perm = (torch.randperm(len(batch) // G)[:, None] * G + torch.arange(G)).reshape(-1)
         for mb_idx in perm.chunk(cfg.minibatches):
             mb = batch.select(mb_idx)
-            totals = D.all_sum(run, {"global_tokens": mb.mask.sum(), "global_seqs": (mb.mask.sum(-1) > 0).sum()})
+            totals = D.all_sum(run.world, {"global_tokens": mb.mask.sum(), "global_seqs": (mb.mask.sum(-1) > 0).sum()})
             totals = {k: v.clamp(min=1) for k, v in totals.items()}     # over all ranks' minibatches
             for opt in run.optimizers:                                   # the policy's, a separate critic's
                 opt.zero_grad(set_to_none=True)
@@ -471,17 +473,17 @@ def update(run: Run, batch: RolloutBatch, t: Timer) -> dict:
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + v * len(idx) / len(mb)
             with t("optimizer"):
-                D.sync_grads(run)           # sum over ranks: each rank's loss is its share of the global loss
+                D.sync_grads(run.optimizers, run.world)   # sum over ranks: each rank's loss is its share of the global loss
                 bad = torch.tensor(float(not loss_finite), device=run.device)
-                loss_finite = float(D.all_sum(run, {"bad": bad})["bad"]) == 0     # every rank decides alike
+                loss_finite = float(D.all_sum(run.world, {"bad": bad})["bad"]) == 0     # every rank decides alike
                 norm, stepped = clip_and_step(run, loss_finite)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + norm
             n_updates += 1
             count_skip(run, stepped)
             sums["train/skipped_steps"] += not stepped
     out = {k: v / n_updates if k != "train/skipped_steps" else v for k, v in sums.items()}
-    out["lr"] = run.scheduler.get_last_lr()[0]
-    out["beta"] = run.beta
+    out["lr"] = run.actor.scheduler.get_last_lr()[0]
+    out["beta"] = run.counters.beta
     return out
 
 
@@ -489,10 +491,7 @@ def loss_fn(run: Run, mb: RolloutBatch, totals: dict) -> tuple[torch.Tensor, dic
     """The loss of one micro-batch: the policy's objective, + vf_coef · value loss with a critic (which
     orders its work around the policy's forward: ``Critic.add_value_loss``), + ptx. Normalized by the
     minibatch's token / sequence counts so accumulated micro-batches give the minibatch loss."""
-    if run.critic is not None:
-        loss, stats = run.critic.add_value_loss(mb, totals, lambda head: policy_objective(run, mb, totals, head))
-    else:
-        loss, stats, _ = policy_objective(run, mb, totals)
+    loss, stats = run.critic.add_value_loss(mb, totals, lambda head: policy_objective(run, mb, totals, head))
     if run.cfg.ppo.ptx_coef > 0:
         ptx = ptx_loss(run, len(mb) / float(totals["global_seqs"]))
         loss = loss + run.cfg.ppo.ptx_coef * ptx
@@ -505,7 +504,7 @@ def policy_objective(run: Run, mb: RolloutBatch, totals: dict, value_head=None) 
     gives on the forward's last hidden states (a shared critic's; None without a head)."""
     cfg, algo = run.cfg, run.algo
     with autocast(run):
-        logp, entropy, values = completion_logp(run.policy, mb, cfg.temperature, algo.keep_sampling_mask,
+        logp, entropy, values = completion_logp(run.actor.model, mb, cfg.temperature, algo.keep_sampling_mask,
                                                 with_entropy=True, value_head=value_head,
                                                 padding_free=cfg.padding_free)                   # [n, T]
     old = mb.old_logp if mb.old_logp is not None else logp.detach()
@@ -528,7 +527,7 @@ def policy_objective(run: Run, mb: RolloutBatch, totals: dict, value_head=None) 
         kl = A.unbiased_kl(logp, old, mb.ref_logp, algo.kl_estimator, mask=mask) if algo.unbiased_kl else \
             A.kl_penalty(logp, mb.ref_logp, algo.kl_estimator, mask=mask)                         # [n, T]
         if algo.kl_placement == "loss":
-            per_tok = per_tok + run.beta * kl
+            per_tok = per_tok + run.counters.beta * kl
     agg = dict(mode=algo.loss_agg, max_len=algo.max_len, **totals)
     loss = A.aggregate_loss(per_tok, mask, **agg)
     with torch.no_grad():
@@ -550,13 +549,14 @@ def policy_objective(run: Run, mb: RolloutBatch, totals: dict, value_head=None) 
 
 def ptx_loss(run: Run, share: float) -> torch.Tensor:
     """PPO-ptx (InstructGPT): a language-modelling loss on SFT / pretraining pairs."""
-    rows = run.ptx_rows
-    g = torch.Generator().manual_seed(run.cfg.seed + run.step)
+    rows = run.data.ptx_rows
+    g = torch.Generator().manual_seed(run.cfg.seed + run.counters.step)
     pick = torch.randint(len(rows), (run.cfg.prompts_per_step,), generator=g).tolist()
-    ids, attn, lab = encode_pairs(run.tokenizer, [render_prompt(rows[i]["prompt"], run.tokenizer, i) for i in pick],
+    tok = run.actor.tokenizer
+    ids, attn, lab = encode_pairs(tok, [render_prompt(rows[i]["prompt"], tok, i) for i in pick],
                                   [str(rows[i]["completion"]) for i in pick])
     with autocast(run):
-        return completion_nll(run.policy, ids.to(run.device), attn.to(run.device), lab.to(run.device)) * share
+        return completion_nll(run.actor.model, ids.to(run.device), attn.to(run.device), lab.to(run.device)) * share
 
 
 def clip_and_step(run: Run, loss_finite: bool = True) -> tuple[float, bool]:
@@ -571,9 +571,9 @@ def clip_and_step(run: Run, loss_finite: bool = True) -> tuple[float, bool]:
         for opt in run.optimizers:
             opt.zero_grad(set_to_none=True)
         return norms[0], False
-    if run.step >= run.cfg.ppo.critic_warmup_steps:     # PPO critic warm-up: the policy waits
-        run.optimizer.step()
-        run.scheduler.step()
+    if run.counters.step >= run.cfg.ppo.critic_warmup_steps:     # PPO critic warm-up: the policy waits
+        run.actor.optimizer.step()
+        run.actor.scheduler.step()
     for opt in run.optimizers[1:]:
         opt.step()
     return norms[0], True
@@ -582,11 +582,11 @@ def clip_and_step(run: Run, loss_finite: bool = True) -> tuple[float, bool]:
 def count_skip(run: Run, stepped: bool):
     """``max_skipped_steps`` skipped optimizer steps in a row stop the run (DivergedError, exit 2);
     the weights are those of the last good step, which the crash checkpoint keeps."""
-    run.skipped_in_a_row = 0 if stepped else run.skipped_in_a_row + 1
-    if run.skipped_in_a_row >= run.cfg.max_skipped_steps:
-        run.skipped_in_a_row = 0
-        raise DivergedError(f"training diverged at step {run.step + 1}: {run.cfg.max_skipped_steps} optimizer steps in "
-                            "a row had a non-finite loss or gradient and were skipped (config key "
+    run.counters.skipped_in_a_row = 0 if stepped else run.counters.skipped_in_a_row + 1
+    if run.counters.skipped_in_a_row >= run.cfg.max_skipped_steps:
+        run.counters.skipped_in_a_row = 0
+        raise DivergedError(f"training diverged at step {run.counters.step + 1}: {run.cfg.max_skipped_steps} optimizer "
+                            "steps in a row had a non-finite loss or gradient and were skipped (config key "
                             "'max_skipped_steps'). Lower 'learning_rate', set 'max_grad_norm', or check the rewards; "
                             f"the checkpoint in {run.cfg.output_dir}/checkpoints holds the weights before the divergence.")
 
@@ -595,20 +595,19 @@ def weights_finite(run: Run, collective: bool = True) -> bool:
     """Every weight of the policy (and critic, value head) is finite. ``collective``: agreed over
     ranks (each rank checks its shard); False checks only this rank's tensors (a crash path)."""
     bad = torch.zeros((), dtype=torch.float64, device=run.device)
-    for model in run.trained_modules():
-        for p in model.parameters():
-            local = p.to_local() if hasattr(p, "to_local") else p
-            bad += (~torch.isfinite(local)).sum().double().to(bad.device)
+    for p in run.trained_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += (~torch.isfinite(local)).sum().double().to(bad.device)
     if collective:
-        bad = D.all_sum(run, {"bad": bad})["bad"]
+        bad = D.all_sum(run.world, {"bad": bad})["bad"]
     return float(bad) == 0
 
 
 def check_finite_weights(run: Run):
     """The guard before every save: final/ and checkpoints are never written with NaN or inf weights."""
     if not weights_finite(run):
-        raise DivergedError(f"training diverged: the weights hold NaN or inf at step {run.step}; nothing was saved "
-                            f"over the last good checkpoint in {run.cfg.output_dir}. Lower 'learning_rate' or set "
+        raise DivergedError(f"training diverged: the weights hold NaN or inf at step {run.counters.step}; nothing was "
+                            f"saved over the last good checkpoint in {run.cfg.output_dir}. Lower 'learning_rate' or set "
                             "'max_grad_norm'.")
 
 
@@ -627,7 +626,7 @@ def adapt_kl(run: Run, metrics: dict):
     cfg = run.cfg
     if cfg.ppo.kl_target is not None and "kl" in metrics:
         observed = metrics.get("kl_reward", metrics["kl"])
-        run.beta = A.adaptive_kl_coef(run.beta, observed, cfg.ppo.kl_target, cfg.ppo.kl_horizon,
+        run.counters.beta = A.adaptive_kl_coef(run.counters.beta, observed, cfg.ppo.kl_target, cfg.ppo.kl_horizon,
                                       cfg.prompts_per_step * cfg.group_size)
 
 
@@ -635,7 +634,7 @@ def iterative_reset(run: Run, metrics: dict):
     """Iterative GRPO (DeepSeekMath Alg. 1): every K steps the reference becomes the current policy
     and, with ``iterative.rm_retrain``, the reward model continues training on verifier-labelled
     pairs of recent policy samples with a replay of historical pairs."""
-    run.iterative.after_step(run.step, run.policy, run.ref, dict(run.rewards.sources).get("reward_model"),
+    run.iterative.after_step(run.counters.step, run.actor.model, run.ref, dict(run.rewards.sources).get("reward_model"),
                              run.cfg.output_dir, run.cfg.seed, metrics)
 
 
@@ -650,11 +649,11 @@ def samples(batch: RolloutBatch, k: int) -> list[dict]:
 
 def save_final(run: Run):
     out = Path(run.cfg.output_dir) / "final"
-    model = run.policy.merge_and_unload() if run.cfg.lora_r else run.policy
-    model = D.saveable(run, model)                                  # fsdp: full weights gathered on rank 0
+    model = run.actor.model.merge_and_unload() if run.cfg.lora_r else run.actor.model
+    model = D.saveable(run.world, model)                            # fsdp: full weights gathered on rank 0
     if run.world.main:
         model.save_pretrained(out)
-        run.tokenizer.save_pretrained(out)
+        run.actor.tokenizer.save_pretrained(out)
 
 
 def peak_rss_mib() -> float:
@@ -675,7 +674,7 @@ def peak_rss_mib() -> float:
 def write_summary(run: Run, metrics: dict, wall_s: float):
     """summary.json: final metrics, wall time, peak RSS and the bytes each trained model holds."""
     state = run.state_bytes()
-    summary = {**metrics, "wall_s": wall_s, "steps": run.step,
+    summary = {**metrics, "wall_s": wall_s, "steps": run.counters.step,
                "samples_per_step": run.cfg.prompts_per_step * run.cfg.group_size,
                "peak_rss_mib": peak_rss_mib(),
                "model_state_mib": {k: v["total"] / 2**20 for k, v in state.items()},
@@ -687,7 +686,7 @@ def evaluate_policy(run: Run) -> dict:
     sources, weights = eval_sources(run.cfg, run.rewards.sources, run.rewards.weights)
     if not sources:
         return {}
-    with D.unsharded(run):                                          # every rank evaluates the same rows
-        acc = held_out_accuracy(run.policy, run.tokenizer, run.eval_rows, sources, weights, run.cfg,
+    with D.unsharded(run.actor.model, run.world):                   # every rank evaluates the same rows
+        acc = held_out_accuracy(run.actor.model, run.actor.tokenizer, run.data.eval_rows, sources, weights, run.cfg,
                                 trainer_state=reward_state(run))
     return {f"eval/{k}": v for k, v in acc.items()}

@@ -7,7 +7,7 @@ logged, writes a checkpoint and exits with status 2 (``MonitorAlarm``). Threshol
 ``MonitorConfig``; null turns a rule off. docs/monitoring.md explains each signal.
 
 Trends compare two windows of ``monitor.window`` steps: the first after warmup (the baseline)
-and the latest. The state (histories, the KL probe) lives in ``run.monitor_state``, so a
+and the latest. The state (histories, the KL probe) lives in ``run.counters.monitor``, so a
 resumed run continues its trends.
 
     collapse  distinct_frac     mean over groups of |distinct completions| / G
@@ -105,7 +105,7 @@ class Monitors:
         if cfg.verifier:
             verifier = resolve_reward_funcs([cfg.verifier])[0][1]
         stop = not run.world.multi       # torchrun: each rank sees its own share, so alarms only warn
-        return cls(cfg, run.cfg.group_size, run.cfg.output_dir, run.monitor_state, verifier,
+        return cls(cfg, run.cfg.group_size, run.cfg.output_dir, run.counters.monitor, verifier,
                    main=run.world.main, stop=stop)
 
     # -- per step
@@ -119,14 +119,14 @@ class Monitors:
         out = {f"monitor/{k}": v for k, v in sig.items() if not k.startswith("_")}
         checks = self.checks(set(sig))
         out.update({f"monitor/{k}": v for k, (v, _) in checks.items() if not k.startswith("_")})
-        new = []
+        new, step = [], run.counters.step
         for name, (value, over) in checks.items():
             streak = self.state["streak"].get(name, 0) + 1 if over else 0
             self.state["streak"][name] = streak
             need = SPARSE_PATIENCE if name in ("kl_start", "eval_drop") else self.cfg.patience
-            if over and streak >= need and run.step > self.cfg.warmup_steps and name not in self.state["fired"]:
-                self.state["fired"][name] = run.step
-                new.append(self._alarm(run.step, name, value))
+            if over and streak >= need and step > self.cfg.warmup_steps and name not in self.state["fired"]:
+                self.state["fired"][name] = step
+                new.append(self._alarm(step, name, value))
         out["monitor/alarms"] = len(self.state["fired"])
         metrics.update(out)
         if new and self.stop:
@@ -186,7 +186,7 @@ class Monitors:
             st["probe"]["seq_mask"] = None if probe.seq_mask is None else probe.seq_mask.cpu()
             st["probe"]["logp_start"] = start.detach().float().cpu()
             return None
-        if run.step % self.cfg.kl_every:
+        if run.counters.step % self.cfg.kl_every:
             return None
         p = st["probe"]
         dev = batch.mask.device
@@ -194,7 +194,7 @@ class Monitors:
                              completion_ids=p["completion_ids"].to(dev), mask=p["mask"].to(dev),
                              sampler_logp=p["logp_start"].to(dev), truncated=torch.zeros(len(p["mask"]), dtype=torch.bool),
                              group_size=1, seq_mask=None if p["seq_mask"] is None else p["seq_mask"].to(dev))
-        logp, _, _ = completion_logp(run.policy, probe, run.cfg.temperature)
+        logp, _, _ = completion_logp(run.actor.model, probe, run.cfg.temperature)
         return probe_kl(logp.float(), probe.sampler_logp, probe.mask)
 
     def _verify(self, batch):

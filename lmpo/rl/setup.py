@@ -1,5 +1,6 @@
-"""Everything the loop needs, built from a ``Config``: the ``Run`` and its typed parts (policy and
-optimizer, reference, critic, prompt stream, reward sources, iterative GRPO's state, counters).
+"""Everything the loop needs, built from a ``Config``: the ``Run`` and its typed parts (the actor:
+policy, tokenizer, optimizer; the reference; the critic; the data; the reward sources; iterative
+GRPO's state; the counters; the rollout side).
 
 The loop (``rl/loop.py``) reads top to bottom; construction, resumption and checkpoint plumbing live here.
 """
@@ -27,7 +28,7 @@ from lmpo.rewards.reward_model import RewardModelScorer
 from lmpo.rewards.remote import RemoteReward
 from lmpo.models.load import resolve_model
 from lmpo.models.value import param_bytes
-from lmpo.rl.critic import Critic, make_critic
+from lmpo.rl.critic import Critic, NoCritic, make_critic
 from lmpo.rl.iterative import Iterative
 
 
@@ -118,74 +119,105 @@ class Rewards:
 
 
 @dataclass
-class Run:
-    """A run's state, in parts: the config and resolved algorithm; the policy with its optimizer and
-    schedule; the reference; the critic (one optional object, ``lmpo.rl.critic``); the prompt stream
-    and the reward sources; iterative GRPO's state (``lmpo.rl.iterative``); what attach() sets (the
-    rollout engine, the scorer). The step counters below are what a checkpoint resumes."""
+class Actor:
+    """The policy and what trains it: the model (HF; LoRA-wrapped, compiled or FSDP-sharded as the
+    config asks), its tokenizer, its AdamW (a shared value head's parameters included) and
+    learning-rate schedule, and the directory its weights came from (the base model with LoRA)."""
 
-    cfg: Config
-    algo: Algorithm
-    device: torch.device
+    model: torch.nn.Module
     tokenizer: object
-    policy: torch.nn.Module
-    ref: torch.nn.Module | None
-    critic: Critic | None
     optimizer: torch.optim.Optimizer
     scheduler: object
-    prompts: PromptStream
-    rewards: Rewards
-    eval_rows: list | None
     model_dir: str
-    beta: float
+
+
+@dataclass
+class Data:
+    """The rows a run reads: the training prompts' seeded stream (its position is checkpointed), the
+    held-out rows, PPO-ptx's (prompt, completion) pairs, and the longest prompt allowed."""
+
+    prompts: PromptStream
+    eval_rows: list | None = None
+    ptx_rows: list | None = None
     max_prompt_len: int | None = None
-    ptx_rows: list | None = None            # PPO-ptx language-modelling rows
-    world: D.World = field(default_factory=D.World)
-    step: int = 0
-    iterative: Iterative = field(default_factory=Iterative)
+
+
+@dataclass
+class Counters:
+    """What a step carries to the next besides weights and optimizers; a checkpoint resumes it."""
+
+    step: int = 0                           # optimizer steps done
+    beta: float = 0.0                       # the KL coefficient (adaptive with ppo.kl_target)
     skipped_in_a_row: int = 0               # non-finite optimizer steps in a row (max_skipped_steps)
-    monitor_state: dict = field(default_factory=dict)   # lmpo.rl.monitors' histories, streaks, fired alarms
-    engine: object = None                   # the rollout engine (lmpo.rollout.engine), set by rl.loop.attach
+    monitor: dict = field(default_factory=dict)     # lmpo.rl.monitors' histories, streaks, fired alarms
+
+
+@dataclass
+class Rollout:
+    """Who generates and who scores, set by ``rl.loop.attach`` (or the Ray backend's worker pools)."""
+
+    engine: object = None                   # the rollout engine (lmpo.rollout.engine)
     scorer: object = None                   # batch -> reward stats: rl.score here, or Ray reward workers
     prefetch: object = None                 # asynchronous collection ahead of the learner (Ray, max_staleness > 0)
     closers: list = field(default_factory=list)
 
     def close(self):
-        """Stop what ``attach`` started (background collection, worker actors)."""
+        """Stop what was attached (background collection, worker actors)."""
         while self.closers:
             self.closers.pop()()
 
+
+@dataclass
+class Run:
+    """A run's state in parts, each with one owner: the config and resolved algorithm; where this
+    process runs; the actor (policy, tokenizer, optimizer, schedule); the reference; the critic
+    (``lmpo.rl.critic``: a ``Critic`` or a ``NoCritic``); the data; the reward sources; iterative
+    GRPO's state (``lmpo.rl.iterative``); the counters a checkpoint resumes; what ``attach`` sets."""
+
+    cfg: Config
+    algo: Algorithm
+    device: torch.device
+    actor: Actor
+    ref: torch.nn.Module | None
+    critic: Critic | NoCritic
+    data: Data
+    rewards: Rewards
+    world: D.World = field(default_factory=D.World)
+    iterative: Iterative = field(default_factory=Iterative)
+    counters: Counters = field(default_factory=Counters)
+    rollout: Rollout = field(default_factory=Rollout)
+
     @property
     def use_ref(self) -> bool:
-        return self.ref is not None or (self.cfg.lora_r > 0 and self.beta > 0 and self.algo.kl_placement != "none")
+        return self.ref is not None or (self.cfg.lora_r > 0 and self.counters.beta > 0
+                                        and self.algo.kl_placement != "none")
 
     @property
     def optimizers(self) -> list:
         """The policy's optimizer first, then a separate critic's."""
-        return [self.optimizer, *(self.critic.optimizers() if self.critic is not None else [])]
+        return [self.actor.optimizer, *self.critic.optimizers()]
 
-    def trained_modules(self) -> list:
-        return [self.policy, *([self.critic.model] if self.critic is not None else [])]
+    def trained_parameters(self) -> list:
+        return [*self.actor.model.parameters(), *self.critic.parameters()]
 
     def state_bytes(self) -> dict:
         """Bytes each trained model holds (parameters, gradients, optimizer state), for summary.json."""
-        state = {"policy": param_bytes(self.policy, self.optimizer)}
-        if self.critic is not None and self.critic.state_bytes() is not None:
-            state["critic"] = self.critic.state_bytes()
+        state = {"policy": param_bytes(self.actor.model, self.actor.optimizer), **self.critic.state_bytes()}
         if self.ref is not None:
             state["reference"] = param_bytes(self.ref)
         return state
 
-    def counters(self) -> dict:
-        """What the loop carries from step to step besides weights and optimizers (checkpointed
-        under "extra", the key earlier versions wrote)."""
-        return {"skipped_in_a_row": self.skipped_in_a_row, "reward_fail_streaks": self.rewards.fail_streaks,
-                "monitor": self.monitor_state, **self.iterative.state()}
+    def extra_state(self) -> dict:
+        """What the checkpoint keeps under "extra" (the key earlier versions wrote): the counters
+        besides step and β, each reward source's failure streak, iterative GRPO's state."""
+        c = self.counters
+        return {"skipped_in_a_row": c.skipped_in_a_row, "reward_fail_streaks": self.rewards.fail_streaks,
+                "monitor": c.monitor, **self.iterative.state()}
 
-    def load_counters(self, extra: dict):
-        self.skipped_in_a_row = extra.get("skipped_in_a_row", 0)
+    def load_extra_state(self, extra: dict):
+        self.counters.skipped_in_a_row = extra.get("skipped_in_a_row", 0)
         self.rewards.fail_streaks = extra.get("reward_fail_streaks", {})
-        self.monitor_state = extra.get("monitor", {})
+        self.counters.monitor = extra.get("monitor", {})
         self.iterative.load(extra)
 
 
@@ -320,16 +352,14 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         ref_dir = str(ckpt / "ref") if ckpt and (ckpt / "ref").exists() else model_dir
         ref = D.prepare_model(load_causal_lm(ref_dir, device, trainable=False), world, trainable=False)
     critic = make_critic(cfg, algo.critic, policy, model_dir, tokenizer, device, world, ckpt)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    if critic is not None and critic.shared:        # the head trains with the policy's optimizer and clipping
-        params += list(critic.parameters())
+    params = [p for p in policy.parameters() if p.requires_grad] + critic.shared_parameters()   # a shared head's
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
     max_prompt_len = prompt_room(cfg, context_length(policy), rows, tokenizer)
-    run = Run(cfg=cfg, algo=algo, device=device, tokenizer=tokenizer, policy=policy, ref=ref, critic=critic,
-              optimizer=optimizer, scheduler=scheduler, prompts=PromptStream(rows, cfg.seed),
-              rewards=Rewards(sources, weights), eval_rows=eval_rows, model_dir=model_dir, beta=cfg.beta,
-              max_prompt_len=max_prompt_len, world=world, ptx_rows=ptx_rows, iterative=Iterative.from_config(cfg))
+    run = Run(cfg=cfg, algo=algo, device=device, actor=Actor(policy, tokenizer, optimizer, scheduler, model_dir),
+              ref=ref, critic=critic, data=Data(PromptStream(rows, cfg.seed), eval_rows, ptx_rows, max_prompt_len),
+              rewards=Rewards(sources, weights), world=world, iterative=Iterative.from_config(cfg),
+              counters=Counters(beta=cfg.beta))
     if ckpt:
         _restore(run, ckpt)
     return run
@@ -376,44 +406,43 @@ def checkpoint(run: Run, crashing: bool = False):
     """Written by rank 0 in the single-process format (any world size resumes it); every rank calls
     this (fsdp gathers weights and optimizer state), except on a crash, where only a rank that can
     save alone does."""
-    if crashing and not D.can_save_alone(run):
+    if crashing and not D.can_save_alone(run.world):
         return None
-    states = {"optimizer": D.optimizer_state(run), "scheduler": run.scheduler.state_dict(),
-              "prompts": run.prompts.state(), "beta": run.beta, "extra": run.counters()}
-    models = {"policy": D.saveable(run, run.policy)}
-    if run.critic is not None:
-        states.update(run.critic.state())
-        models.update(run.critic.saved_models())
+    actor = run.actor
+    states = {"optimizer": D.optimizer_state(actor.model, actor.optimizer, run.world),
+              "scheduler": actor.scheduler.state_dict(), "prompts": run.data.prompts.state(),
+              "beta": run.counters.beta, "extra": run.extra_state()}
+    states.update(run.critic.state())
+    models = {"policy": D.saveable(run.world, actor.model), **run.critic.saved_models()}
     if run.ref is not None and run.cfg.iterative.ref_reset_steps:
         models["ref"] = run.ref
     if not run.world.main:
         return None
-    return save_checkpoint(run.cfg.output_dir, run.step, models=models, states=states, tokenizer=run.tokenizer,
-                           meta={"config": to_dict(run.cfg), "model_dir": run.model_dir})
+    return save_checkpoint(run.cfg.output_dir, run.counters.step, models=models, states=states,
+                           tokenizer=actor.tokenizer, meta={"config": to_dict(run.cfg), "model_dir": actor.model_dir})
 
 
 def step_mark(run: Run) -> dict:
     """What a step changes before its update: the prompt stream, the RNG states, the counters' lists."""
-    return {"prompts": run.prompts.state(), "rng": rng_state(), "beta": run.beta,
-            "extra": {k: list(v) if isinstance(v, list) else v for k, v in run.counters().items()}}
+    return {"prompts": run.data.prompts.state(), "rng": rng_state(), "beta": run.counters.beta,
+            "extra": {k: list(v) if isinstance(v, list) else v for k, v in run.extra_state().items()}}
 
 
 def rewind(run: Run, mark: dict):
     """Back to the start of the step ``mark`` was taken at (its update had not begun)."""
-    run.prompts.load(mark["prompts"])
+    run.data.prompts.load(mark["prompts"])
     set_rng_state(mark["rng"])
-    run.beta = mark["beta"]
-    run.load_counters(mark["extra"])
+    run.counters.beta = mark["beta"]
+    run.load_extra_state(mark["extra"])
 
 
 def _restore(run: Run, ckpt: Path):
     states, meta = load_state(ckpt)
-    D.load_optimizer_state(run, states["optimizer"])
-    run.scheduler.load_state_dict(states["scheduler"])
-    if run.critic is not None:
-        run.critic.load(states)
-    run.prompts.load(states["prompts"])
-    run.beta = states["beta"]
-    run.load_counters(states.get("extra", {}))
-    run.step = meta["step"]
+    D.load_optimizer_state(run.actor.model, run.actor.optimizer, run.world, states["optimizer"])
+    run.actor.scheduler.load_state_dict(states["scheduler"])
+    run.critic.load(states)
+    run.data.prompts.load(states["prompts"])
+    run.counters.beta = states["beta"]
+    run.load_extra_state(states.get("extra", {}))
+    run.counters.step = meta["step"]
     set_rng_state(states["rng"])

@@ -351,20 +351,20 @@ class EnvEngine:
         self.base.update_weights(model, version)
 
 
-def make_env_engine(run, base):
-    """``base`` wrapped to play the environment named by ``env.name``; refuses what it cannot do."""
-    cfg = run.cfg
+def make_env_engine(cfg, algo, base):
+    """``base`` wrapped to play the environment named by ``env.name``; refuses what it cannot do
+    (``algo``: the resolved algorithm)."""
     if cfg.rollout.engine != "builtin" or cfg.distributed.backend != "torch":
         raise ConfigError("config key 'env.name': environments run with rollout.engine=builtin and "
                           "distributed.backend=torch (see docs/environments.md for what vLLM and Ray need).")
     for key in ("keep_sampling_mask", "keep_routing"):
-        if getattr(run.algo, key):
+        if getattr(algo, key):
             raise ConfigError(f"config key 'algo.{key}' is not supported with an environment (env.name).")
     factory = resolve_env(cfg.env.name)
     resettable = bool(getattr(factory(), "resettable", False))
-    if not resettable and run.algo.advantage in GROUP_ESTIMATORS and cfg.group_size > 1:
+    if not resettable and algo.advantage in GROUP_ESTIMATORS and cfg.group_size > 1:
         msg = (f"environment '{cfg.env.name}' cannot be reset to the same state, so the {cfg.group_size} episodes "
-               f"of a group start from different states and the '{run.algo.advantage}' advantage compares them as if "
+               f"of a group start from different states and the '{algo.advantage}' advantage compares them as if "
                "they did not.")
         if cfg.env.nonresettable_groups == "refuse":
             raise ConfigError(msg + " Use a critic (algorithm=ppo) or a batch baseline (algorithm=reinforce_pp), or "
