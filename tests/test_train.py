@@ -224,3 +224,18 @@ def test_padding_free_and_fused_adamw_take_the_default_step(sft_dir, tmp_path):
     assert a["reward/std"] > 0 and a["completion/truncated_frac"] < 1                   # advantages, and padding
     assert any(not torch.equal(wb[k], w0[k]) for k in wb)                    # the fast step moved the weights
     assert start(rl_config(sft_dir, tmp_path / "x", fused_adamw=True)).optimizer.defaults["fused"] is True
+
+
+def test_gradients_are_freed_after_the_optimizer_step(sft_dir, tmp_path):
+    """The update leaves no gradient behind (their memory goes to the next rollout); the optimizer stepped."""
+    from lmpo.rl import loop as rl
+
+    (tmp_path / "digits.py").write_text(DIGITS_REWARD)
+    run = rl.start(rl_config(sft_dir, tmp_path / "out", beta=0.0, max_new_tokens=8, group_size=4, prompts_per_step=4,
+                             reward_funcs=[f"{tmp_path / 'digits.py'}:digit_match"]))
+    t = rl.Timer()
+    batch, _ = rl.collect(run, t)
+    rl.prepare(run, batch, t)
+    stats = rl.update(run, batch, t)
+    assert stats["grad_norm"] > 0 and len(run.optimizer.state) > 0
+    assert all(p.grad is None for p in run.policy.parameters())

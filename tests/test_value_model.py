@@ -137,6 +137,8 @@ def test_param_bytes_counts():
     # AdamW keeps exp_avg and exp_avg_sq (one float32 copy each) and a float32 step per parameter
     assert b["grads"] == 32 and b["optimizer"] == 2 * 32 + 2 * 4
     assert b["total"] == 32 + 32 + 72
+    opt.zero_grad(set_to_none=True)                  # what the loop does after each step: still counted
+    assert param_bytes(model, opt)["grads"] == 32
 
 
 def test_param_bytes_counts_tied_weights_once(tiny_dir, tok):

@@ -172,14 +172,18 @@ def _tensor_bytes(t) -> int:
 
 
 def param_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Bytes held for training ``model``: parameters, gradients (those allocated now) and the
-    optimizer's state (e.g. AdamW's two moments); ``total`` is their sum. Activations are not
-    counted. Parameters shared between modules (tied embeddings) are counted once."""
+    """Bytes held for training ``model``: parameters, gradients (those allocated now, and those of the
+    parameters ``optimizer`` has stepped: the loop frees them after each optimizer step and the next
+    backward allocates them again) and the optimizer's state (e.g. AdamW's two moments); ``total`` is
+    their sum. Activations are not counted. Parameters shared between modules (tied embeddings) are
+    counted once."""
     params = list({id(p): p for p in model.parameters()}.values())
+    stepped = optimizer.state if optimizer is not None else {}
     out = {
         "params": sum(_tensor_bytes(p) for p in params),
         "trainable_params": sum(_tensor_bytes(p) for p in params if p.requires_grad),
-        "grads": sum(_tensor_bytes(p.grad) for p in params if p.grad is not None),
+        "grads": sum(_tensor_bytes(p.grad) if p.grad is not None else _tensor_bytes(p) * (p in stepped)
+                     for p in params),
         "optimizer": 0,
     }
     if optimizer is not None:

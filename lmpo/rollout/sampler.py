@@ -128,8 +128,8 @@ def generate(model, prompt_ids, prompt_mask, spec: SamplingSpec, *, eos_token_id
     T = spec.max_new_tokens
     lean = None
     if spec.dtype == "bfloat16" and routing is None and lean_decode.supports(model):
+        torch.clear_autocast_cache()            # the prefill's bf16 weight casts go before the decoder's own are made
         lean, cache = lean_decode.LeanDecoder(model, cache, attn, T), None      # HF's cache copied, then dropped
-        torch.clear_autocast_cache()                                             # the prefill's bf16 weight casts
     tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
     logps = torch.zeros(N, T, device=device)
     finished_at = torch.full((N,), T, dtype=torch.long, device=device)                   # length incl. EOS
