@@ -5,9 +5,9 @@ settings, on one fixed batch, in CPU seconds of one thread, beside the roofline'
     PYTHONPATH=. python bench/smollm2_phases.py --repeats 1 --json bench/results/smollm2_phases.json
 
 Generation: 2 chat prompts x 4 samples, 64 new tokens with the stop tokens disabled (every variant
-does the same 64 decoding steps for 8 rows): float32; ``dtype: bfloat16`` (autocast; lmpo switches
-attention to the eager kernel for generation on CPU), also with torch's SDPA kept (what the switch
-saves); ``rollout.dtype: bfloat16`` (a bf16 copy of the weights). Update: the training forward +
+does the same 64 decoding steps for 8 rows): float32; ``dtype: bfloat16`` (autocast; lmpo's lean
+decoding step after HF's prefill), HF's forward under autocast with the eager attention kernel lmpo used
+before the lean step, and with torch's SDPA kept; ``rollout.dtype: bfloat16`` (a bf16 copy of the weights). Update: the training forward +
 backward of lmpo's GRPO loss on a real batch of that size (completions sampled by the float32 model,
 seeded, so their lengths are the model's), padded or ``padding_free``, float32 or bf16 autocast.
 Optimizer: clip + AdamW step over all 134.5 M parameters, torch's default or ``fused_adamw``.
@@ -30,7 +30,7 @@ from lmpo.models.load import fetch_model, load_causal_lm, load_tokenizer
 from lmpo.rl.forward import completion_logp
 from lmpo.rollout.batch import encode_prompts
 from lmpo.rollout.engine import eager_attention
-from lmpo.rollout.sampler import generate, group_uniforms, rollout
+from lmpo.rollout.sampler import SamplingSpec, generate, group_uniforms, rollout
 
 PROMPTS = ["What is 23 + 58? Reply with the number only.", "What is 47 + 36? Reply with the number only."]
 G, T = 4, 64
@@ -64,16 +64,17 @@ def main(argv=None):
     bf16_copy = copy.deepcopy(model).to(torch.bfloat16).requires_grad_(False)
     bf16_copy.set_attn_implementation("eager")
 
-    def gen(m, ctx=nullcontext, attention=nullcontext):
+    def gen(m, ctx=nullcontext, attention=nullcontext, dtype="float32"):
         def run():
-            with ctx(), attention(m):
-                generate(m.eval(), ids, pm, group_size=G, max_new_tokens=T, eos_token_id=-1, pad_token_id=tok.pad_token_id,
-                         uniforms=u)
+            with ctx(), attention(m):        # dtype "bfloat16": lmpo's lean decoding step (HF's forward otherwise)
+                generate(m.eval(), ids, pm, SamplingSpec(group_size=G, max_new_tokens=T, dtype=dtype), eos_token_id=-1,
+                         pad_token_id=tok.pad_token_id, uniforms=u)
         return run
 
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)              # noqa: E731
     for name, fn in (("float32", gen(model)),
-                     ("dtype=bfloat16 (autocast, eager attention)", gen(model, autocast, eager_attention)),
+                     ("dtype=bfloat16 (autocast, lean decoding step)", gen(model, autocast, eager_attention, "bfloat16")),
+                     ("autocast, HF's forward with eager attention", gen(model, autocast, eager_attention)),
                      ("dtype=bfloat16 with SDPA kept", gen(model, autocast)),
                      ("rollout.dtype=bfloat16 (bf16 copy, eager)", gen(bf16_copy))):
         res[f"generate/{name}"] = cpu_s(fn, a.repeats)
@@ -81,7 +82,7 @@ def main(argv=None):
     del bf16_copy
 
     # --- update: one real batch (float32 sampling, seeded), GRPO loss, forward + backward
-    batch = rollout(model, tok, prompts, [{}, {}], group_size=G, max_new_tokens=T, seeds=[1, 2])
+    batch = rollout(model, tok, prompts, [{}, {}], SamplingSpec(group_size=G, max_new_tokens=T), seeds=[1, 2])
     batch.adv = torch.randn(len(batch), 1).expand_as(batch.mask).contiguous()
     lengths = batch.mask.sum(-1).long().tolist()
     res["completion_lengths"] = lengths

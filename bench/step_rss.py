@@ -6,12 +6,13 @@
         output_dir=/tmp/step_rss max_steps=3 [padding_free=true dtype=bfloat16 ...]
 
 Phases: setup, collect (rollout + reward), the training forward (``loss_fn``), the backward (up to
-``clip_and_step``), the optimizer step. RSS counts memory the allocator has freed but kept mapped, so
-"RSS before the forward" minus the live state shows how much the allocator holds on to.
+``clip_and_step``), the optimizer step. RSS counts memory the allocator has freed but kept mapped; glibc's
+own count (``mallinfo2``) of the bytes in use and the bytes it holds is printed beside it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 import threading
@@ -29,6 +30,23 @@ def rss_mib() -> float:
     return 0.0
 
 
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+
+def malloc_mib() -> tuple[float, float]:
+    """(bytes glibc's malloc has handed out and not had back, bytes it holds from the system) in MiB
+    (``mallinfo2``: in-use arena blocks + mmapped chunks; arena + mmapped); (nan, nan) without glibc."""
+    try:
+        f = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return float("nan"), float("nan")
+    f.restype = _Mallinfo2
+    m = f()
+    return (m.uordblks + m.hblkhd) / 2**20, (m.arena + m.hblkhd) / 2**20
+
+
 def main(argv=None):
     cfg = load_config(None, [*(sys.argv[1:] if argv is None else argv), "progress=false", "eval_steps=0"])
     peak = [0.0]
@@ -41,7 +59,9 @@ def main(argv=None):
     threading.Thread(target=sample, daemon=True).start()
 
     def mark(name):
-        print(f"  {name:10s} RSS {rss_mib():6.0f} MiB, peak since the last mark {peak[0]:6.0f} MiB", flush=True)
+        live, held = malloc_mib()
+        print(f"  {name:10s} RSS {rss_mib():6.0f} MiB, peak since the last mark {peak[0]:6.0f} MiB; "
+              f"malloc in use {live:6.0f}, held {held:6.0f} MiB", flush=True)
         peak[0] = 0.0
 
     loss_fn, clip_and_step = L.loss_fn, L.clip_and_step

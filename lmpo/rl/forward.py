@@ -165,17 +165,18 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
     pm = batch.prompt_mask[rows]
     B, P = pm.shape
     pos_p = (pm.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=batch.prompt_ids[rows], attention_mask=pm, position_ids=pos_p, use_cache=True,
-                logits_to_keep=1, output_hidden_states=hidden)
+    n_in = (lengths - 1).clamp(min=0)                                           # inputs: tokens 0 … L_i − 2
+    S = int(n_in.sum())
+    row_of = torch.repeat_interleave(torch.arange(N, device=dev), n_in)         # [S]
+    off = torch.arange(S, device=dev) - torch.repeat_interleave(n_in.cumsum(0) - n_in, n_in)
+    x_prompt, x_packed = _embed_once(model, batch.prompt_ids[rows], batch.completion_ids[row_of, off][None])
+    out = model(**x_prompt, attention_mask=pm, position_ids=pos_p, use_cache=True, logits_to_keep=1,
+                output_hidden_states=hidden)
     has = lengths > 0
     r0 = has.nonzero().squeeze(-1)                                              # rows with a token 0
     logits, hs = [out.logits[:, -1][seg[r0]]], [out.hidden_states[-1][:, -1][seg[r0]]] if hidden else []
     idx_r, idx_t = [r0], [torch.zeros_like(r0)]
-    n_in = (lengths - 1).clamp(min=0)                                           # inputs: tokens 0 … L_i − 2
-    S = int(n_in.sum())
     if S:
-        row_of = torch.repeat_interleave(torch.arange(N, device=dev), n_in)     # [S]
-        off = torch.arange(S, device=dev) - torch.repeat_interleave(n_in.cumsum(0) - n_in, n_in)
         plen = batch.prompt_mask.sum(-1).long()
         cache = output_cache(out)
         if any(type(layer).__name__ != "DynamicLayer" for layer in getattr(cache, "layers", [None])):
@@ -188,7 +189,7 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
         see_prompt = (seg[row_of][:, None] == key_group[None]) & (pm.reshape(-1) > 0)[None]
         see_own = (row_of[:, None] == row_of[None]) & (off[None] <= off[:, None])
         mask = torch.cat([see_prompt, see_own], 1)[None, None]
-        out2 = model(input_ids=batch.completion_ids[row_of, off][None], attention_mask=mask,
+        out2 = model(**x_packed, attention_mask=mask,
                      position_ids=(plen[row_of] + off)[None], **cache_kw(model, cache), use_cache=True,
                      output_hidden_states=hidden)
         logits.append(out2.logits[0])
@@ -197,6 +198,18 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
         idx_r.append(row_of)
         idx_t.append(off + 1)
     return torch.cat(logits), (torch.cat(hs) if hidden else None), (torch.cat(idx_r), torch.cat(idx_t))
+
+
+def _embed_once(model, *ids: torch.Tensor) -> list[dict]:
+    """The model inputs for each of ``ids``, as ``inputs_embeds`` from one embedding lookup over all of them,
+    so the backward builds one dense [vocab, hidden] embedding gradient, not one per forward (SmolLM2: 113 MB
+    zero-filled and added each); ``input_ids`` for a model without ``get_input_embeddings``."""
+    inner = getattr(model, "module", model)                                     # DDP
+    embed = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if embed is None:
+        return [{"input_ids": x} for x in ids]
+    flat = embed(torch.cat([x.reshape(-1) for x in ids]))
+    return [{"inputs_embeds": e.view(*x.shape, -1)} for x, e in zip(ids, flat.split([x.numel() for x in ids]))]
 
 
 class ChunkedLogp(torch.autograd.Function):

@@ -15,6 +15,7 @@ import torch
 from ..models.load import cache_kw, output_cache
 from .batch import RolloutBatch, encode_prompts
 from lmpo.models.moe import RoutingRecorder, is_moe
+from lmpo.rollout import lean_decode
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -125,6 +126,10 @@ def generate(model, prompt_ids, prompt_mask, spec: SamplingSpec, *, eos_token_id
     cache, logits, attn, next_pos = _prefill(model, prompt_ids, prompt_mask, spec.group_size, routing)
     N, V = logits.shape
     T = spec.max_new_tokens
+    lean = None
+    if spec.dtype == "bfloat16" and routing is None and lean_decode.supports(model):
+        torch.clear_autocast_cache()            # the prefill's bf16 weight casts go before the decoder's own are made
+        lean, cache = lean_decode.LeanDecoder(model, cache, attn, T), None      # HF's cache copied, then dropped
     tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
     logps = torch.zeros(N, T, device=device)
     finished_at = torch.full((N,), T, dtype=torch.long, device=device)                   # length incl. EOS
@@ -146,14 +151,17 @@ def generate(model, prompt_ids, prompt_mask, spec: SamplingSpec, *, eos_token_id
             stay = (~done).nonzero().squeeze(-1)
             if stay.numel() == 0:
                 break
-            cache.batch_select_indices(stay)
+            lean.select(stay) if lean is not None else cache.batch_select_indices(stay)
             if routing is not None:
                 routing.select(stay)
             alive, tok, attn, next_pos = alive[stay], tok[stay], attn[stay], next_pos[stay]
-        attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-        out = _forward(model, input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                       **cache_kw(model, cache), use_cache=True)
-        logits = out.logits[:, -1].float()
+        if lean is not None:
+            logits = lean.step(tok, next_pos)
+        else:
+            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
+            out = _forward(model, input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
+                           **cache_kw(model, cache), use_cache=True)
+            logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     return _result(tokens, logps, finished_at, keep, stop)
 
