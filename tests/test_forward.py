@@ -3,6 +3,7 @@ and gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmpo.models.load import load_causal_lm, load_tokenizer
@@ -150,3 +151,24 @@ def test_padding_free_refuses_a_cache_it_cannot_pack(tiny_dir, monkeypatch):
     monkeypatch.setattr(F, "output_cache", sliding)
     with pytest.raises(ConfigError, match="padding_free"):
         F.completion_logp(model, b, 1.0, padding_free=True)
+
+
+def test_padding_free_forward_is_exact_with_eager_attention(tiny_dir):
+    """The packed forward's 4-D mask is additive (0 or the dtype's minimum), which every attention
+    implementation reads alike: with eager attention, which adds the mask to the scores, the log-probs
+    equal the padded forward's under sdpa (a boolean mask added as 0/1 would let every token see all)."""
+    model, b = _batch(tiny_dir)
+    real = b.mask > 0
+    T = b.completion_ids.shape[1]
+    model.set_attn_implementation("sdpa")
+    full, _ = _full(model, b, T)
+    ref = full.log_softmax(-1).gather(-1, b.completion_ids[..., None]).squeeze(-1)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    got = F.packed_completion_logp(model, b, 1.0)[0]
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+    from lmpo.config import ConfigError
+
+    model.config._attn_implementation = "flash_attention_2"      # cannot take a 4-D mask: refused, not ignored
+    with pytest.raises(ConfigError, match="padding_free.*flash_attention_2"):
+        F.packed_completion_logp(model, b, 1.0)

@@ -156,6 +156,7 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
     run as one sequence whose 4-D attention mask lets token t of row i see its group's prompt (real
     tokens only) and tokens 0 … t of row i, at the positions the padded forward gives them. Also
     returns the (row, t) index of each of the M positions."""
+    mask_form = packed_mask_form(model)
     seg = prompt_segments(batch)
     N, dev = batch.prompt_ids.shape[0], batch.prompt_ids.device
     seg = torch.arange(N, device=dev) if seg is None else seg
@@ -188,7 +189,7 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
         key_group = torch.arange(B, device=dev).repeat_interleave(P)                        # [B·P]
         see_prompt = (seg[row_of][:, None] == key_group[None]) & (pm.reshape(-1) > 0)[None]
         see_own = (row_of[:, None] == row_of[None]) & (off[None] <= off[:, None])
-        mask = torch.cat([see_prompt, see_own], 1)[None, None]
+        mask = mask_form(torch.cat([see_prompt, see_own], 1)[None, None], x_packed["inputs_embeds"].dtype)
         out2 = model(**x_packed, attention_mask=mask,
                      position_ids=(plen[row_of] + off)[None], **cache_kw(model, cache), use_cache=True,
                      output_hidden_states=hidden)
@@ -198,6 +199,21 @@ def _packed_forward(model, batch, lengths: torch.Tensor, hidden: bool):
         idx_r.append(row_of)
         idx_t.append(off + 1)
     return torch.cat(logits), (torch.cat(hs) if hidden else None), (torch.cat(idx_r), torch.cat(idx_t))
+
+
+def packed_mask_form(model):
+    """How the model's attention reads the packed sequence's 4-D mask (True: the query sees the key):
+    as is for sdpa; for eager attention, which adds the mask to the scores, as 0 where seen and the
+    dtype's minimum elsewhere. Other implementations (flash attention) cannot take a 4-D mask: refused
+    before any forward."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return lambda seen, dtype: seen
+    if impl == "eager":
+        return lambda seen, dtype: torch.zeros(seen.shape, dtype=dtype, device=seen.device).masked_fill_(
+            ~seen, torch.finfo(dtype).min)
+    raise ConfigError(f"config key 'padding_free': the model's attention implementation '{impl}' cannot take the "
+                      "packed sequence's 4-D mask (sdpa and eager can); set padding_free=false.")
 
 
 def _embed_once(model, *ids: torch.Tensor) -> list[dict]:
