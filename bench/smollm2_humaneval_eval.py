@@ -12,10 +12,15 @@ reward function that also records, per problem: the greedy pass, c of n sampled 
 (reward >= 1: every test of ``check``), and how many were cut at ``max_new_tokens``. pass@k is
 ``pass_at_k`` (the unbiased estimator) averaged over problems.
 
-``compare`` resamples the problems with replacement (the same resample for both files: the difference
-is paired) and reports the 2.5 / 97.5 % quantiles of the difference of greedy accuracy and pass@k.
-The interval is the noise from which problems happen to be in the set, plus the sampling noise of
-each problem's c / n.
+``compare`` reports two 95 % intervals (2.5 / 97.5 % quantiles of the resamples) of the difference
+after - before of greedy accuracy and pass@k:
+
+- ``ci95_problems``: the problems resampled with replacement, the same resample for both files (paired).
+  The noise of which problems happen to be in a set of this size: does the change carry over to other
+  problems like these? Each problem's difference also carries its own sampling noise.
+- ``ci95_samples``: the problems fixed, each problem's c redrawn from Binomial(n, c / n) in both files
+  (a parametric bootstrap; greedy decoding has no sampling noise and is left out). The noise of drawing
+  n samples: is the change real on these problems?
 """
 
 from __future__ import annotations
@@ -95,11 +100,25 @@ def compare(before, after, reps=10000, seed=0):
         xa = figures([a["problems"][i] for i in pick], n)
         for k in fb:
             diffs[k].append(xa[k] - xb[k])
+    within = {k: [] for k in fb if k != "greedy_accuracy"}
+
+    def redraw(problems):
+        return [{**p, "c": sum(rng.random() < p["c"] / n for _ in range(n))} for p in problems]
+
+    for _ in range(reps // 10):                                     # 1 000: n draws per problem each
+        xb, xa = figures(redraw(b["problems"]), n), figures(redraw(a["problems"]), n)
+        for k in within:
+            within[k].append(xa[k] - xb[k])
+
+    def ci(d):
+        d = sorted(d)
+        return [d[int(0.025 * len(d))], d[int(0.975 * len(d)) - 1]]
+
     out = {}
     for k in fb:
-        d = sorted(diffs[k])
-        out[k] = {"before": fb[k], "after": fa[k], "diff": fa[k] - fb[k],
-                  "ci95": [d[int(0.025 * reps)], d[int(0.975 * reps) - 1]]}
+        out[k] = {"before": fb[k], "after": fa[k], "diff": fa[k] - fb[k], "ci95_problems": ci(diffs[k])}
+        if k in within:
+            out[k]["ci95_samples"] = ci(within[k])
     up = sum(pa["c"] > pb["c"] for pa, pb in zip(a["problems"], b["problems"]))
     down = sum(pa["c"] < pb["c"] for pa, pb in zip(a["problems"], b["problems"]))
     out["problems_up_down_same"] = [up, down, m - up - down]
