@@ -24,12 +24,13 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=5, help="moving-average window (steps)")
     p.add_argument("--title", default="SmolLM2-135M-Instruct, chat addition, 2 CPU cores (shared)")
     p.add_argument("--ylabel", default="training reward (mean of 32 samples)")
+    p.add_argument("--metric", default="reward/mean", help="the metrics.jsonl key to plot, e.g. reward/code_tests/mean")
     a = p.parse_args(argv)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for run in a.runs:
         rows = read_metrics(Path(run))
         steps = [r["step"] if "step" in r else i + 1 for i, r in enumerate(rows)]
-        rew = [r["reward/mean"] for r in rows]
+        rew = [r[a.metric] for r in rows]
         t, acc = [], 0.0
         for r in rows:
             acc += r.get("time/step_s", 0.0)

