@@ -8,7 +8,10 @@ with about half the operations:
 
 - q, k, v as one matrix multiply and gate, up as another (bfloat16 copies of the weights concatenated
   once per rollout: autocast casts the weights once per rollout too, so the memory is the same);
-- a preallocated KV cache ``[n, kv heads, P + T, d]`` written in place at each step;
+- a KV cache ``[n, kv heads, capacity, d]`` written in place at each step and grown 64 positions at a time;
+  attention reads the whole buffer, its unwritten positions masked (weight exactly 0): a prefix slice of
+  it is not contiguous, and torch's batched bf16 multiply copied it, K and V, in every layer at every step
+  (~2/3 of the attention's time at SmolLM2's size);
 - grouped-query attention by viewing the queries as ``[n, kv heads, heads / kv heads, d]``, no copies;
 - rotary embeddings as ``x·cos + roll(x, d/2)·sin±`` with ``sin± = [−sin₁, sin₂]`` (= rotate_half(x)·sin).
 
@@ -73,17 +76,24 @@ class LeanDecoder:
         self.lm = head.weight.detach().to(dtype)
         self.lm_b = _cat([head.bias], dtype) if getattr(head, "bias", None) is not None else None
         N, P = attn.shape
-        self.t = P                                                                  # filled cache positions
+        self.t, self.limit = P, P + max_new                                         # filled cache positions, room
+        self.K = [layer.keys.to(dtype) for layer in cache.layers]                   # [N, Hk, P, d], grown in step
+        self.V = [layer.values.to(dtype) for layer in cache.layers]
+        self.mask = torch.zeros(N, 1, 1, P, device=attn.device)                    # additive, float32
+        self.mask[:, 0, 0].masked_fill_(attn == 0, torch.finfo(torch.float32).min)
         dev = attn.device
-        self.K = [torch.zeros(N, self.Hk, P + max_new, self.D, dtype=dtype, device=dev) for _ in self.layers]
-        self.V = [torch.zeros_like(k) for k in self.K]
-        for k, v, layer in zip(self.K, self.V, cache.layers):
-            k[:, :, :P] = layer.keys
-            v[:, :, :P] = layer.values
-        self.mask = torch.zeros(N, 1, 1, P + max_new, device=dev)                            # additive, float32
-        self.mask[:, 0, 0, :P].masked_fill_(attn == 0, torch.finfo(torch.float32).min)
         half = self.D // 2
         self.sign = torch.cat([-torch.ones(half, device=dev), torch.ones(self.D - half, device=dev)])
+
+    GROW = 64
+
+    def _grow(self):
+        """Room for ``GROW`` more positions (up to the limit): zeros in the cache, masked until written."""
+        n, hk, cap, d = self.K[0].shape
+        more = max(min(cap + self.GROW, self.limit), self.t + 1) - cap
+        self.K = [torch.cat([k, k.new_zeros(n, hk, more, d)], 2) for k in self.K]
+        self.V = [torch.cat([v, v.new_zeros(n, hk, more, d)], 2) for v in self.V]
+        self.mask = torch.cat([self.mask, self.mask.new_full((n, 1, 1, more), torch.finfo(torch.float32).min)], 3)
 
     def select(self, rows: torch.Tensor):
         self.K = [k[rows] for k in self.K]
@@ -97,14 +107,16 @@ class LeanDecoder:
             x = self.inner.embed_tokens(tok).float()                                # [n, E] residual stream
             cos, sin = self.inner.rotary_emb(x[:, None], pos[:, None])
             cos, sin = cos[:, 0, None].float(), (sin[:, 0] * self.sign)[:, None].float()    # [n, 1, d]
-            L = self.t + 1
+            if self.t == self.K[0].shape[2]:
+                self._grow()
+            self.mask[..., self.t] = 0.0                                            # every row writes position t
             for i, w in enumerate(self.layers):
-                x = self._layer(x, w, self.K[i], self.V[i], cos, sin, L)
-            self.t = L
+                x = self._layer(x, w, self.K[i], self.V[i], cos, sin)
+            self.t += 1
             h = _rms(x, self.inner.norm)
             return F.linear(h.to(self.dtype), self.lm, self.lm_b).float()
 
-    def _layer(self, x, w, K, V, cos, sin, L):
+    def _layer(self, x, w, K, V, cos, sin):
         n, H, Hk, D, t = x.shape[0], self.H, self.Hk, self.D, self.t
         qkv = F.linear(_rms(x, w["n1"]).to(self.dtype), w["qkv"], w["qkv_b"])
         qk = qkv[:, :(H + Hk) * D].view(n, H + Hk, D).float()
@@ -112,8 +124,8 @@ class LeanDecoder:
         K[:, :, t] = qk[:, H:]
         V[:, :, t] = qkv[:, (H + Hk) * D:].view(n, Hk, D)
         q = qk[:, :H].to(self.dtype).view(n, Hk, H // Hk, D)
-        scores = torch.matmul(q, K[:, :, :L].transpose(-1, -2)).float() * w["scale"] + self.mask[..., :L]
-        att = torch.matmul(scores.softmax(-1).to(self.dtype), V[:, :, :L])           # [n, Hk, H/Hk, d]
+        scores = torch.matmul(q, K.transpose(-1, -2)).float() * w["scale"] + self.mask      # [n, Hk, H/Hk, capacity]
+        att = torch.matmul(scores.softmax(-1).to(self.dtype), V)                     # [n, Hk, H/Hk, d]
         x = x + F.linear(att.reshape(n, H * D), w["o"], w["o_b"])
         gu = F.linear(_rms(x, w["n2"]).to(self.dtype), w["gu"], w["gu_b"])
         return x + F.linear(F.silu(gu[:, :self.I]) * gu[:, self.I:], w["down"], w["down_b"])
