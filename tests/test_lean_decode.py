@@ -94,3 +94,30 @@ def test_models_it_does_not_cover_keep_hf_forward():
     gelu = LlamaForCausalLM(LlamaConfig(**{**ARCH, "hidden_act": "gelu"}))
     assert not lean_decode.supports(sliding) and not lean_decode.supports(gelu)
     assert not lean_decode.supports(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(not lean_decode.prepacked(torch.device("cpu"), torch.bfloat16),
+                    reason="this CPU's oneDNN has no native bf16 matmul")
+def test_prepacked_weights_give_the_same_logits_bit_for_bit(monkeypatch):
+    """The oneDNN-reordered weights are a layout, not an approximation: every step's logits are those of
+    ``F.linear`` on the plain bf16 weights, also after rows leave the batch (1–4 rows per multiply)."""
+    model, G = model_of("qwen2"), 2                                      # Qwen2: q, k, v biases too
+    ids, pm = prompts()
+    tokens = torch.randint(1, 97, (2 * G, 4), generator=torch.Generator().manual_seed(3))
+
+    def logits(packed: bool):
+        monkeypatch.setattr(lean_decode, "prepacked", lambda device, dtype: packed)
+        out, rows = [], torch.arange(2 * G)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            cache, _, attn, pos = _prefill(model, ids, pm, G, None)
+            lean = lean_decode.LeanDecoder(model, cache, attn, 4)
+            assert lean.packed is packed
+            for s in range(4):
+                if s == 2:
+                    lean.select(torch.tensor([1, 3]))
+                    rows, pos = rows[[1, 3]], pos[[1, 3]]
+                out.append(lean.step(tokens[rows, s], pos + s))
+        return out
+
+    for got, want in zip(logits(True), logits(False), strict=True):
+        assert torch.equal(got, want)
