@@ -11,7 +11,7 @@ with about half the operations:
 - on a CPU with oneDNN bf16 support, those copies reordered once per rollout into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied with ``_linear_pointwise``: ``F.linear``
   on plain bf16 weights lays each weight out again inside every call, so a step's multiplies at 1–8 rows
-  took ~1.8× as long (SmolLM2-135M, 8 rows, two threads: 26.8 against 15.3 ms); the results are the
+  took 1.4–2× as long (SmolLM2-135M, 8 rows, two threads: ``bench/decode_step.py``); the results are the
   same bit for bit (``tests/test_lean_decode.py``);
 - a KV cache ``[n, kv heads, capacity, d]`` written in place at each step and grown 64 positions at a time;
   attention reads the whole buffer, its unwritten positions masked (weight exactly 0): a prefix slice of
