@@ -121,3 +121,23 @@ def test_prepacked_weights_give_the_same_logits_bit_for_bit(monkeypatch):
 
     for got, want in zip(logits(True), logits(False), strict=True):
         assert torch.equal(got, want)
+
+
+def test_weights_stay_plain_where_the_reorder_is_missing_or_differs(monkeypatch):
+    """A torch build without the oneDNN ops, or one whose reordered products differ from ``F.linear``'s, keeps
+    plain weights (the probe runs once per process)."""
+    real_linear = torch.nn.functional.linear
+    for broken in ("differs", "missing"):
+        lean_decode._reorder_works.cache_clear()
+        if broken == "differs":
+            monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: real_linear(x, w, b) + 1)
+        else:
+            monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+            monkeypatch.setattr(torch.ops, "mkldnn", object())              # no such ops in this build
+        try:
+            assert not lean_decode.prepacked(torch.device("cpu"), torch.bfloat16)
+        finally:
+            monkeypatch.undo()
+            lean_decode._reorder_works.cache_clear()
+    assert not lean_decode.prepacked(torch.device("cpu"), torch.float32)
+    assert not lean_decode.prepacked(torch.device("meta"), torch.bfloat16)

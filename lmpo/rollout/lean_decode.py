@@ -29,6 +29,8 @@ forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -52,9 +54,23 @@ def _cat(tensors, dtype):
 
 
 def prepacked(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the weights go to oneDNN pre-reordered: bf16 on a CPU whose oneDNN runs bf16 matmuls natively."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """Whether the weights go to oneDNN pre-reordered: bf16 on a CPU whose oneDNN runs bf16 matmuls natively
+    and whose torch build reorders a probe weight to the same products as ``F.linear``."""
+    return device.type == "cpu" and dtype == torch.bfloat16 and _reorder_works()
+
+
+@functools.cache
+def _reorder_works() -> bool:
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.randn(40, 24, generator=g).bfloat16(), torch.randn(40, generator=g).bfloat16()
+        x = torch.randn(3, 24, generator=g).bfloat16()
+        got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), b, "none", [], "")
+        return torch.equal(got, F.linear(x, w, b))
+    except (AttributeError, RuntimeError, NotImplementedError):     # an older torch, a build without the ops
+        return False
 
 
 def _rms(x, norm):
