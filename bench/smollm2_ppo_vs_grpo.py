@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def run_variant(name: str, extra: list[str], out: Path, steps: int, overrides: l
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     subprocess.run(args, env=env, check=True)
     row = summarize(name, run_dir)
+    for saved in ("final", "checkpoints"):               # policy (+ critic) and optimizer: 2–4 GB a run, not needed here
+        shutil.rmtree(run_dir / saved, ignore_errors=True)
     metrics = read_metrics(run_dir)[1:] or read_metrics(run_dir)
     row["parts_s"] = {part: statistics.median(sum(m.get(k, 0.0) for k in keys) for m in metrics)
                       for part, keys in PARTS.items()}

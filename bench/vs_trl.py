@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -352,8 +353,6 @@ def bench_size(size: str, a, root: Path) -> str:
     for tool in a.tools:
         out = root / f"{size}-{tool}{a.tag}"
         if out.exists():
-            import shutil
-
             shutil.rmtree(out)
         cmd = (lmpo_cmd if tool == "lmpo" else trl_cmd)(size, model, out, a)
         print(f"[{size}] {tool}: {' '.join(map(str, cmd))}", flush=True)
@@ -361,6 +360,9 @@ def bench_size(size: str, a, root: Path) -> str:
         if tool == "lmpo":
             rows = read_metrics(out)
             final = json.loads((out / "summary.json").read_text())
+            if not a.keep_models:                  # the saved policy + optimizer: 2 GB a run at SmolLM2's size
+                for saved in ("final", "checkpoints"):
+                    shutil.rmtree(out / saved, ignore_errors=True)
         else:
             d = json.loads((out / "trl.json").read_text())
             rows, final = d["steps"], d["final"]
@@ -388,6 +390,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="lmpo's dtype")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra lmpo config override (repeatable), e.g. --set gradient_checkpointing=true")
+    p.add_argument("--keep-models", action="store_true", help="keep lmpo's saved model and checkpoints (deleted once measured)")
     p.add_argument("--tag", default="", help="suffix of the run directories and results file (for variants)")
     p.add_argument("--root", default=str(ROOT / "runs" / "bench_vs_trl"), help="run outputs")
     p.add_argument("--models", default="", help="SFT starts (default: ROOT/models)")
