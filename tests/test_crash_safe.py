@@ -374,13 +374,30 @@ def test_oversubscribed_cores_warn(monkeypatch):
 
     monkeypatch.setattr(setup, "usable_cpus", lambda: 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(setup, "runnable_now", lambda: 2.5)
+    with pytest.warns(UserWarning, match="oversubscribed: load average 3.0, 2.5 tasks runnable now on 2 usable CPUs"):
+        setup.warn_if_oversubscribed(2)
+    monkeypatch.setattr(setup, "runnable_now", lambda: None)                # no /proc/stat: the load average alone
     with pytest.warns(UserWarning, match="oversubscribed: load average 3.0 on 2 usable CPUs"):
         setup.warn_if_oversubscribed(2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         setup.warn_if_oversubscribed(1)                                # one thread only shares the cores
+        monkeypatch.setattr(setup, "runnable_now", lambda: 0.1)        # the load of a run that has just ended
+        setup.warn_if_oversubscribed(2)
         monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+        monkeypatch.setattr(setup, "runnable_now", lambda: 3.0)        # a burst: the minute's average is what counts
         setup.warn_if_oversubscribed(2)                                # a quiet machine
+
+
+def test_runnable_now_reads_the_kernel_s_count():
+    import lmpo.rl.setup as setup
+
+    now = setup.runnable_now(samples=3, interval=0.001)
+    if not os.path.exists("/proc/stat"):
+        assert now is None
+    else:
+        assert now is not None and 0.0 <= now < 10_000
 
 
 @pytest.mark.parametrize("cpu_max, cpus", [("150000 100000", 2), ("50000 100000", 1), ("max 100000", None)])

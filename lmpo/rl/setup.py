@@ -298,10 +298,28 @@ def configure_threads(cfg) -> int:
     return torch.get_num_threads()
 
 
+def runnable_now(samples: int = 10, interval: float = 0.01) -> float | None:
+    """Tasks runnable right now besides this process's own thread: the kernel's ``procs_running``
+    (/proc/stat) averaged over ``samples`` reads ``interval`` s apart, minus one; None without /proc/stat."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                counts += [int(line.split()[1]) for line in f if line.startswith("procs_running ")]
+        except (OSError, ValueError, IndexError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval)
+    return max(0.0, sum(counts) / len(counts) - 1) if counts else None
+
+
 def warn_if_oversubscribed(threads: int):
-    """A warning when this run's torch threads (more than one) and the 1-minute load average of the
-    processes already running exceed the usable CPUs by half: torch's threads then wait on each
-    other at every parallel region and a step can be many times slower (one thread only shares)."""
+    """A warning when this run's torch threads (more than one) and the work already running exceed the
+    usable CPUs by half: torch's threads then wait on each other at every parallel region and a step can
+    be many times slower (one thread only shares). The work running is the 1-minute load average, or the
+    tasks runnable right now where fewer (the load average still counts a run that has just ended)."""
     import os
     import warnings
 
@@ -309,9 +327,12 @@ def warn_if_oversubscribed(threads: int):
         load = os.getloadavg()[0]
     except (OSError, AttributeError):
         return
+    now = runnable_now()
+    busy = load if now is None else min(load, now)
     cpus = usable_cpus()
-    if threads > 1 and load >= 1 and load + threads > 1.5 * cpus:
-        warnings.warn(f"the CPUs are oversubscribed: load average {load:.1f} on {cpus} usable CPUs, and this run adds "
+    if threads > 1 and busy >= 1 and busy + threads > 1.5 * cpus:
+        seen = f"load average {load:.1f}" + ("" if now is None else f", {now:.1f} tasks runnable now")
+        warnings.warn(f"the CPUs are oversubscribed: {seen} on {cpus} usable CPUs, and this run adds "
                       f"{threads} torch threads. Steps may be many times slower; use fewer threads (config key "
                       "'threads' or OMP_NUM_THREADS, e.g. threads=1) or wait for the other work to finish.", stacklevel=2)
 
