@@ -73,6 +73,22 @@ def test_bad_values(lmpo_train):
     _one_paragraph(*lmpo_train(reward_weights=[1, 2]), "'reward_weights' has 2 weights for 1 reward sources")
 
 
+def test_fused_adamw_on_a_torch_without_the_kernel(lmpo_train, monkeypatch):
+    """torch < 2.4 has no fused AdamW for CPU parameters: the error names the key, not a torch traceback."""
+    import torch
+
+    real = torch.optim.AdamW
+
+    def adamw(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    _one_paragraph(*lmpo_train(fused_adamw=True), "'fused_adamw'", "set fused_adamw=false")
+    assert lmpo_train(fused_adamw=False)[0] == 0
+
+
 def test_missing_dataset(lmpo_train, tmp_path):
     _one_paragraph(*lmpo_train(dataset=tmp_path / "nope.jsonl"), "nope.jsonl' does not exist")
 

@@ -96,6 +96,14 @@ def test_models_it_does_not_cover_keep_hf_forward():
     assert not lean_decode.supports(torch.nn.Linear(2, 2))
 
 
+def test_a_torch_without_rms_norm_keeps_hf_forward(monkeypatch):
+    """torch < 2.4 has no F.rms_norm (the package allows torch >= 2.2): generation keeps HF's forward."""
+    model = model_of("llama")
+    assert lean_decode.supports(model)
+    monkeypatch.delattr(torch.nn.functional, "rms_norm")
+    assert not lean_decode.supports(model)
+
+
 @pytest.mark.skipif(not lean_decode.prepacked(torch.device("cpu"), torch.bfloat16),
                     reason="this CPU's oneDNN has no native bf16 matmul")
 def test_prepacked_weights_give_the_same_logits_bit_for_bit(monkeypatch):

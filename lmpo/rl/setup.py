@@ -374,7 +374,7 @@ def setup(cfg: Config, resume: bool = False) -> Run:
         ref = D.prepare_model(load_causal_lm(ref_dir, device, trainable=False), world, trainable=False)
     critic = make_critic(cfg, algo.critic, policy, model_dir, tokenizer, device, world, ckpt)
     params = [p for p in policy.parameters() if p.requires_grad] + critic.shared_parameters()   # a shared head's
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
+    optimizer = make_optimizer(cfg, params, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, cfg.lr_schedule, cfg.max_steps * cfg.epochs * cfg.minibatches))
     max_prompt_len = prompt_room(cfg, context_length(policy), rows, tokenizer)
     run = Run(cfg=cfg, algo=algo, device=device, actor=Actor(policy, tokenizer, optimizer, scheduler, model_dir),
@@ -386,6 +386,18 @@ def setup(cfg: Config, resume: bool = False) -> Run:
     for opt in run.optimizers:
         allocate_state(opt)
     return run
+
+
+def make_optimizer(cfg: Config, params: list, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``params``; ``fused_adamw`` asks for torch's fused kernel, which a torch without one for
+    this device refuses (CPU: torch < 2.4) with an error that names the key."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
+    except RuntimeError as e:
+        if not cfg.fused_adamw:
+            raise
+        raise ConfigError(f"config key 'fused_adamw': torch {torch.__version__} has no fused AdamW for {device.type} "
+                          f"parameters ({e}); set fused_adamw=false.") from e
 
 
 def allocate_state(opt: torch.optim.Optimizer):

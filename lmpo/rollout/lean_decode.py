@@ -42,6 +42,8 @@ def supports(model) -> bool:
     cfg = getattr(model, "config", None)
     if type(model).__name__ not in SUPPORTED or cfg is None or getattr(cfg, "hidden_act", None) != "silu":
         return False
+    if not hasattr(F, "rms_norm"):                          # torch < 2.4: HF's forward
+        return False
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return False
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
