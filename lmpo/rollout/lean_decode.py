@@ -9,9 +9,9 @@ with about half the operations:
 - q, k, v as one matrix multiply and gate, up as another (bfloat16 copies of the weights concatenated
   once per rollout: autocast casts the weights once per rollout too, so the memory is the same);
 - on a CPU with oneDNN bf16 support, those copies reordered once per rollout into oneDNN's blocked layout
-  (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied with ``_linear_pointwise``: ``F.linear``
-  on plain bf16 weights lays each weight out again inside every call, so a step's multiplies at 1–8 rows
-  took 1.4–2× as long (SmolLM2-135M, 8 rows, two threads: ``bench/decode_step.py``); the results are the
+  (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied with ``_linear_pointwise``: with plain bf16
+  weights ``F.linear`` hands oneDNN a row-major weight at every call, which its kernels pack first (our
+  reading; not traced inside oneDNN), and a step's multiplies at 1–8 rows took 1.4–2× as long (SmolLM2-135M, 8 rows, two threads: ``bench/decode_step.py``); the results are the
   same bit for bit (``tests/test_lean_decode.py``);
 - a KV cache ``[n, kv heads, capacity, d]`` written in place at each step and grown 64 positions at a time;
   attention reads the whole buffer, its unwritten positions masked (weight exactly 0): a prefix slice of
