@@ -11,8 +11,9 @@ with about half the operations:
 - on a CPU with oneDNN bf16 support, those copies reordered once per rollout into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``) and multiplied with ``_linear_pointwise``: with plain bf16
   weights ``F.linear`` hands oneDNN a row-major weight at every call, which its kernels pack first (our
-  reading; not traced inside oneDNN), and a step's multiplies at 1–8 rows took 1.4–2× as long (SmolLM2-135M, 8 rows, two threads: ``bench/decode_step.py``); the results are the
-  same bit for bit (``tests/test_lean_decode.py``);
+  reading; not traced inside oneDNN), and a step's multiplies at 1–8 rows took 1.4–2× as long
+  (SmolLM2-135M, 8 rows, two threads: ``bench/decode_step.py``); the results are the same bit for bit
+  (``tests/test_lean_decode.py``); elsewhere ``F.linear`` on the plain copies;
 - a KV cache ``[n, kv heads, capacity, d]`` written in place at each step and grown 64 positions at a time;
   attention reads the whole buffer, its unwritten positions masked (weight exactly 0): a prefix slice of
   it is not contiguous, and torch's batched bf16 multiply copied it, K and V, in every layer at every step
@@ -71,7 +72,7 @@ def _reorder_works() -> bool:
         x = torch.randn(3, 24, generator=g).bfloat16()
         got = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, None), b, "none", [], "")
         return torch.equal(got, F.linear(x, w, b))
-    except (AttributeError, RuntimeError, NotImplementedError):     # an older torch, a build without the ops
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):    # an older torch, a build without the ops
         return False
 
 
