@@ -327,14 +327,17 @@ def warn_if_oversubscribed(threads: int):
         load = os.getloadavg()[0]
     except (OSError, AttributeError):
         return
-    now = runnable_now()
-    busy = load if now is None else min(load, now)
     cpus = usable_cpus()
-    if threads > 1 and busy >= 1 and busy + threads > 1.5 * cpus:
-        seen = f"load average {load:.1f}" + ("" if now is None else f", {now:.1f} tasks runnable now")
-        warnings.warn(f"the CPUs are oversubscribed: {seen} on {cpus} usable CPUs, and this run adds "
-                      f"{threads} torch threads. Steps may be many times slower; use fewer threads (config key "
-                      "'threads' or OMP_NUM_THREADS, e.g. threads=1) or wait for the other work to finish.", stacklevel=2)
+    over = lambda busy: threads > 1 and busy >= 1 and busy + threads > 1.5 * cpus     # noqa: E731
+    if not over(load):
+        return
+    now = runnable_now()                                    # 0.1 s, only when the minute's average says so
+    if now is not None and not over(now):
+        return
+    seen = f"load average {load:.1f}" + ("" if now is None else f", {now:.1f} tasks runnable now")
+    warnings.warn(f"the CPUs are oversubscribed: {seen} on {cpus} usable CPUs, and this run adds "
+                  f"{threads} torch threads. Steps may be many times slower; use fewer threads (config key "
+                  "'threads' or OMP_NUM_THREADS, e.g. threads=1) or wait for the other work to finish.", stacklevel=2)
 
 
 def setup(cfg: Config, resume: bool = False) -> Run:

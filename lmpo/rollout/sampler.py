@@ -126,10 +126,12 @@ def generate(model, prompt_ids, prompt_mask, spec: SamplingSpec, *, eos_token_id
     cache, logits, attn, next_pos = _prefill(model, prompt_ids, prompt_mask, spec.group_size, routing)
     N, V = logits.shape
     T = spec.max_new_tokens
-    lean = None
     if spec.dtype == "bfloat16" and routing is None and lean_decode.supports(model):
         torch.clear_autocast_cache()            # the prefill's bf16 weight casts go before the decoder's own are made
-        lean, cache = lean_decode.LeanDecoder(model, cache, attn, T), None      # HF's cache copied, then dropped
+        decoder = lean_decode.LeanDecoder(model, cache, attn, T)              # HF's cache copied, then dropped
+    else:
+        decoder = HFDecoder(model, cache, attn)
+    del cache, attn
     tokens = torch.full((N, T), pad_token_id, dtype=torch.long, device=device)
     logps = torch.zeros(N, T, device=device)
     finished_at = torch.full((N,), T, dtype=torch.long, device=device)                   # length incl. EOS
@@ -151,19 +153,32 @@ def generate(model, prompt_ids, prompt_mask, spec: SamplingSpec, *, eos_token_id
             stay = (~done).nonzero().squeeze(-1)
             if stay.numel() == 0:
                 break
-            lean.select(stay) if lean is not None else cache.batch_select_indices(stay)
+            decoder.select(stay)
             if routing is not None:
                 routing.select(stay)
-            alive, tok, attn, next_pos = alive[stay], tok[stay], attn[stay], next_pos[stay]
-        if lean is not None:
-            logits = lean.step(tok, next_pos)
-        else:
-            attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
-            out = _forward(model, input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                           **cache_kw(model, cache), use_cache=True)
-            logits = out.logits[:, -1].float()
+            alive, tok, next_pos = alive[stay], tok[stay], next_pos[stay]
+        logits = decoder.step(tok, next_pos)
         next_pos = next_pos + 1
     return _result(tokens, logps, finished_at, keep, stop)
+
+
+class HFDecoder:
+    """Decoding steps through the model's own forward and HF's KV cache ``cache``, for the rows whose
+    attention mask so far is ``attn`` [N, P]; the interface of ``lean_decode.LeanDecoder``: ``step`` gives
+    the next logits [n, V] in float32, ``select`` keeps the rows that are still generating."""
+
+    def __init__(self, model, cache, attn: torch.Tensor):
+        self.model, self.cache, self.attn = model, cache, attn
+
+    def select(self, rows: torch.Tensor):
+        self.cache.batch_select_indices(rows)
+        self.attn = self.attn[rows]
+
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
+        out = _forward(self.model, input_ids=tok[:, None], attention_mask=self.attn, position_ids=pos[:, None],
+                       **cache_kw(self.model, self.cache), use_cache=True)
+        return out.logits[:, -1].float()
 
 
 def _prefill(model, prompt_ids, prompt_mask, G: int, routing):
